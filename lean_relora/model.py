@@ -1,0 +1,55 @@
+"""The Hugging Face causal LM that ReLoRA trains: a LLaMA built from the recipe's sizes, or a pretrained one."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from lean_relora.recipe import ModelConfig, RecipeError
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = None) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_embeddings,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_token_id: int | None = None) -> PreTrainedModel:
+    """A model in `cfg.dtype` in host memory: pretrained weights if `cfg.pretrained` names them, else a random LLaMA.
+    The caller seeds torch beforehand (the random init is then reproducible) and moves the model to its device,
+    after quantizing the base so that the dense model never has to fit on the accelerator."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.pretrained:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"model.pretrained = {cfg.pretrained!r}: cannot be loaded ({_first_line(e)}); "
+                              "give a local model directory or a reachable hub name") from None
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions is not None and seq_len > positions:
+            raise RecipeError(f"data.seq_len = {seq_len}: must be <= the model's max_position_embeddings ({positions})")
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            raise RecipeError(f"data.tokenizer: vocabulary of {vocab_size} tokens exceeds the model's embedding "
+                              f"({model.get_input_embeddings().num_embeddings}); use the model's own tokenizer")
+    else:
+        model = LlamaForCausalLM(llama_config(cfg, vocab_size, eos_token_id)).to(dtype)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,0 +1,115 @@
+"""The optimizer (bitsandbytes 8-bit AdamW by default) and the ReLoRA partial reset of its state.
+
+bnb's 8-bit state is not a tensor of moments: `state1`/`state2` are uint8 indices into a 256-entry map (`qmap1`
+signed, `qmap2` unsigned) scaled by one fp32 `absmax` per block of 256 elements. In the signed map code 0 is about
+-absmax, so zeroing or magnitude-pruning the raw codes corrupts the moments. The reset therefore works in value
+space: dequantize per block, prune, quantize again with the same map.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from torch import nn
+
+from lean_relora.recipe import OptimConfig
+
+log = logging.getLogger(__name__)
+
+BNB_BLOCKSIZE = 256  # bnb's blockwise 8-bit optimizer state block, in elements
+MOMENTS = (("state1", "absmax1", "qmap1"), ("state2", "absmax2", "qmap2"))  # bnb 8-bit
+TORCH_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch.optim.AdamW
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    if cfg.name == "paged_adamw8bit" and device.type != "cuda":
+        log.info("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
+                 device.type)
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def reset_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mode: str, ratio: float,
+                generator: torch.Generator | None = None) -> None:
+    """Partly forget the moments of `params` (the LoRA factors) at a restart.
+
+    magnitude: zero the `ratio` share of entries with the smallest |value| (per tensor, per moment);
+    random: zero each entry with probability `ratio`; zero: zero everything. The step count is kept.
+    Wherever the second moment ends up zero the first moment is zeroed too: Adam's step m / (sqrt(v) + eps) would
+    otherwise be m / eps, a step of about lr * 1e8 on the first update after the restart.
+    """
+    for p in params:
+        if not optimizer.state.get(p):
+            continue
+        first, second = moments(optimizer, p)
+        second = _prune(second, mode, ratio, generator)
+        first = _prune(first, mode, ratio, generator) * (second != 0)
+        _store_moments(optimizer, p, first, second)
+
+
+def moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and second moments of `p` as fp32 values, whatever the optimizer stores."""
+    state = optimizer.state[p]
+    if TORCH_MOMENTS[0] in state:
+        return tuple(state[k].float() for k in TORCH_MOMENTS)
+    out = []
+    for codes_key, absmax_key, map_key in MOMENTS:
+        codes = state[codes_key]
+        if codes.dtype != torch.uint8:  # bnb keeps tensors under 4096 elements in fp32
+            out.append(codes.float())
+        else:
+            out.append(bnbf.dequantize_blockwise(codes, absmax=state[absmax_key], code=state[map_key],
+                                                 blocksize=BNB_BLOCKSIZE))
+    return tuple(out)
+
+
+def _store_moments(optimizer: torch.optim.Optimizer, p: torch.Tensor, *values: torch.Tensor) -> None:
+    state = optimizer.state[p]
+    if TORCH_MOMENTS[0] in state:
+        for key, value in zip(TORCH_MOMENTS, values):
+            state[key].copy_(value)
+        return
+    for (codes_key, absmax_key, map_key), value in zip(MOMENTS, values):
+        codes = state[codes_key]
+        if codes.dtype != torch.uint8:
+            codes.copy_(value)
+            continue
+        new_codes, quant = bnbf.quantize_blockwise(value, code=state[map_key], blocksize=BNB_BLOCKSIZE)
+        codes.copy_(new_codes)
+        state[absmax_key].copy_(quant.absmax)
+
+
+def _prune(values: torch.Tensor, mode: str, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    if mode == "zero" or ratio >= 1.0:
+        return torch.zeros_like(values)
+    if mode == "magnitude":
+        k = int(values.numel() * ratio)
+        if k == 0:
+            return values
+        threshold = values.abs().flatten().kthvalue(k).values
+        return values * (values.abs() > threshold)
+    if mode == "random":
+        keep = torch.rand(values.shape, generator=generator, device="cpu").to(values.device) >= ratio
+        return values * keep
+    raise ValueError(f"unknown reset mode {mode!r}")
+

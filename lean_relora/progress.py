@@ -1,0 +1,66 @@
+"""What a run shows and records: a rich progress bar on a terminal, plain lines elsewhere, and metrics.jsonl.
+
+metrics.jsonl has one JSON object per line: a training record every `log.every` steps
+    {"step", "loss", "lr", "tokens", "tokens_per_s", "restarts"}
+and an evaluation record at each evaluation
+    {"step", "eval_loss", "eval_ppl", "tokens"}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class Reporter:
+    def __init__(self, metrics_path: Path, total_steps: int, console: Console | None = None, live: bool | None = None):
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal if live is None else live
+        self.metrics = open(metrics_path, "a", encoding="utf-8")
+        self.progress = None
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
+                TextColumn("restart in {task.fields[to_restart]} (#{task.fields[restarts]})"),
+                TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, loss="-", lr="-", speed="-",
+                                               to_restart="-", restarts=0)
+            self.progress.start()
+
+    def step(self, record: dict, steps_to_restart: int) -> None:
+        self._write(record)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], loss=f"{record['loss']:.3f}",
+                                 lr=f"{record['lr']:.2e}", speed=f"{record['tokens_per_s']:,.0f}",
+                                 to_restart=steps_to_restart, restarts=record["restarts"])
+
+    def eval(self, step: int, loss: float, tokens: int) -> None:
+        self._write({"step": step, "eval_loss": loss, "eval_ppl": _ppl(loss), "tokens": tokens})
+        self.line(f"step {step}: eval loss {loss:.4f}, perplexity {_ppl(loss):.2f}")
+
+    def line(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def close(self, summary: dict) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics.close()
+        table = Table(title="run summary", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else str(value))
+        self.console.print(table)
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

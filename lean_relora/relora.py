@@ -1,0 +1,119 @@
+"""ReLoRA: low-rank factors on a frozen (quantized) base, merged into it and re-initialised at every restart.
+
+Lialin et al., "ReLoRA: High-Rank Training Through Low-Rank Updates" (arXiv 2307.05695). Each cycle trains a
+rank-r update; merging it into the base and starting again from fresh factors makes the sum of cycles high-rank.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from lean_relora.quant import FrozenBase
+from lean_relora.recipe import LoraConfig
+
+
+class ReLoRALinear(nn.Module):
+    """A linear layer trained as a frozen base plus a low-rank update.
+
+        y = base(x) + s * B A dropout(x),   s = alpha / r
+        A: r x in (Kaiming-uniform init), B: out x r (zero init), so y = base(x) at every (re)start.
+
+    `merge_and_reinit` folds the update into the base, W <- W + s B A, and starts a new cycle from fresh A and B = 0.
+    Only A is random: zeroing both factors would leave them without a gradient (dL/dA = s B^T g x^T = 0 while B = 0,
+    and dL/dB = s g (A x)^T = 0 while A = 0), a bug of the original code on warm starts.
+    """
+
+    def __init__(self, base: FrozenBase, rank: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.bfloat16, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base
+        self.rank, self.scale = rank, alpha / rank
+        device = base.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora(generator)
+
+    @torch.no_grad()
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        # nn.Linear's own init for A (a = sqrt(5)); drawn in fp32 on the CPU so a seed gives the same A everywhere.
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
+        return self.base(x) + (self.scale * lora).to(x.dtype)
+
+    @torch.no_grad()
+    def merge_and_reinit(self, generator: torch.Generator | None = None) -> None:
+        """W <- W + s B A (in fp32), then a fresh cycle: A re-drawn, B = 0."""
+        self.base.add_(self.scale * (self.lora_B.float() @ self.lora_A.float()))
+        self.reset_lora(generator)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}"
+
+
+def is_target(name: str, targets: list[str]) -> bool:
+    """A module is a target when its last name component matches one of the patterns (full regex match)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return any(re.fullmatch(pattern, leaf) for pattern in targets)
+
+
+def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torch.dtype,
+               device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> list[str]:
+    """Replace every target nn.Linear by a ReLoRALinear on `device`, one layer at a time so that only one dense
+    weight is ever on the device beside the quantized ones. Returns the names of the wrapped modules."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, cfg.targets)]
+    if not names:
+        raise ValueError(f"lora.targets = {cfg.targets}: no nn.Linear in the model matches; "
+                         "name module suffixes such as q_proj or a regex")
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, leaf)
+        base = FrozenBase(linear.weight.to(device), linear.bias, cfg.quant, cfg.blocksize, cfg.double_quant,
+                          keep_master=keep_master, dtype=dtype)
+        setattr(parent, leaf, ReLoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, dtype, generator))
+        del linear
+    return names
+
+
+def relora_layers(model: nn.Module) -> list[ReLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, ReLoRALinear)]
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in relora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+
+
+@torch.no_grad()
+def merge_all(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """The model-level restart: merge and re-init each layer in turn, so the merge transient is one layer's."""
+    for layer in relora_layers(model):
+        layer.merge_and_reinit(generator)
+
+
+def set_trainable(model: nn.Module, cfg: LoraConfig) -> None:
+    """LoRA factors train; the base is frozen; embeddings, norms and lm_head train full-rank unless frozen."""
+    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    lora = {id(p) for p in lora_parameters(model)}
+    for name, p in model.named_parameters():
+        if id(p) in lora:
+            p.requires_grad_(True)
+        elif id(p) in embeddings:
+            p.requires_grad_(cfg.train_embeddings)
+        elif id(p) in head_params:
+            p.requires_grad_(cfg.train_lm_head)
+        elif "norm" in name.lower():
+            p.requires_grad_(cfg.train_norms)
+        else:
+            p.requires_grad_(False)

@@ -1,0 +1,188 @@
+"""The training loop: optional full-rank warm start, then ReLoRA cycles (train, merge, reset, re-warm).
+
+`train(recipe, run_dir)` is the whole run; the CLI is a thin layer over it. Everything the loop needs is built in
+`setup` and passed along; nothing lives at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lean_relora.data import PackedData, build_data
+from lean_relora.model import DTYPES, build_model
+from lean_relora.optim import build_optimizer, reset_state, set_lr
+from lean_relora.progress import Reporter
+from lean_relora.recipe import Recipe
+from lean_relora.relora import lora_parameters, merge_all, set_trainable, wrap_model
+from lean_relora.schedule import JaggedCosine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Counters of a run; the data position is `micro_batches` (see PackedData.train_batch)."""
+
+    step: int = 0  # optimizer steps done
+    restarts: int = 0  # merges done
+    tokens: int = 0  # tokens trained on
+    micro_batches: int = 0  # micro-batches consumed
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every evaluation
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    device: torch.device
+    data: PackedData
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    schedule: JaggedCosine
+    generator: torch.Generator  # LoRA (re)initialisation and random optimizer reset
+    state: TrainState
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = 'cuda': no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast_context(recipe: Recipe, device: torch.device):
+    mode = recipe.train.autocast
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
+
+
+def setup(recipe: Recipe, run_dir: Path) -> Run:
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    torch.manual_seed(recipe.train.seed)
+    device = resolve_device(recipe.train.device)
+    data, tokenizer = build_data(recipe.data, run_dir)
+    model = build_model(recipe.model, data.vocab_size, recipe.data.seq_len, tokenizer.eos_token_id)
+    schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
+                            recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
+                            recipe.relora.warm_start_steps)
+    run = Run(recipe, device, data, model, None, schedule, torch.Generator().manual_seed(recipe.train.seed),
+              TrainState())
+    if recipe.relora.warm_start_steps > 0:
+        run.model = model.to(device)
+        run.optimizer = build_optimizer(run.model, recipe.optim, device)
+    else:
+        start_relora(run)
+    return run
+
+
+def start_relora(run: Run) -> None:
+    """Quantize the base, add LoRA factors, freeze what must not train, and build a fresh optimizer for the rest."""
+    recipe = run.recipe
+    run.optimizer = None  # free the full-rank optimizer state before quantizing
+    wrap_model(run.model, recipe.lora, keep_master=recipe.relora.fidelity == "master",
+               dtype=DTYPES[recipe.model.dtype], device=run.device, generator=run.generator)
+    run.model.to(run.device)
+    set_trainable(run.model, recipe.lora)
+    if recipe.model.gradient_checkpointing and not recipe.lora.train_embeddings:
+        run.model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    run.optimizer = build_optimizer(run.model, recipe.optim, run.device)
+
+
+def restart(run: Run) -> float:
+    """Merge every layer's factors into its base, re-init them, partly reset their optimizer state. Returns seconds."""
+    start = time.perf_counter()
+    merge_all(run.model, run.generator)
+    relora = run.recipe.relora
+    reset_state(run.optimizer, lora_parameters(run.model), relora.reset, relora.reset_ratio, run.generator)
+    run.state.restarts += 1
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss over its tokens."""
+    recipe, state = run.recipe, run.state
+    run.model.train()
+    total = torch.zeros((), device=run.device)
+    for _ in range(recipe.train.grad_accum_steps):
+        ids = run.data.train_batch(state.micro_batches, recipe.train.micro_batch_size).to(run.device)
+        with autocast_context(recipe, run.device):
+            loss = run.model(input_ids=ids, labels=ids).loss
+        # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
+        (loss / recipe.train.grad_accum_steps).backward()
+        total += loss.detach()
+        state.micro_batches += 1
+        state.tokens += ids.numel()
+    if recipe.optim.grad_clip > 0:
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return total.item() / recipe.train.grad_accum_steps
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over the fixed eval blocks."""
+    run.model.eval()
+    losses = []
+    for ids in run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches):
+        ids = ids.to(run.device)
+        with autocast_context(run.recipe, run.device):
+            losses.append(run.model(input_ids=ids, labels=ids).loss.float().item())
+    run.model.train()
+    return sum(losses) / len(losses)
+
+
+def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None) -> dict:
+    """Run the recipe to `train.max_steps`; metrics go to run_dir/metrics.jsonl. Returns the summary."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run = setup(recipe, run_dir)
+    reporter = reporter or Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps)
+    state, schedule = run.state, run.schedule
+    _eval(run, reporter)
+    window_start, window_tokens = time.perf_counter(), state.tokens
+    while state.step < recipe.train.max_steps:
+        if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
+            start_relora(run)
+            reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
+        elif schedule.is_restart(state.step):
+            seconds = restart(run)
+            reporter.line(f"step {state.step}: restart {state.restarts} (merged in {seconds:.2f} s)")
+        lr = recipe.optim.lr * schedule(state.step)
+        set_lr(run.optimizer, lr)
+        loss = train_step(run)
+        if state.step % recipe.log.every == 0 or state.step == recipe.train.max_steps:
+            now = time.perf_counter()
+            speed = (state.tokens - window_tokens) / max(now - window_start, 1e-9)
+            window_start, window_tokens = now, state.tokens
+            reporter.step({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
+                           "tokens_per_s": speed, "restarts": state.restarts}, schedule.steps_to_restart(state.step))
+        if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < recipe.train.max_steps:
+            _eval(run, reporter)
+    _eval(run, reporter)
+    (first_step, first), (_, last) = state.eval_losses[0], state.eval_losses[-1]
+    summary = {"steps": state.step, "restarts": state.restarts, "tokens": state.tokens,
+               "first eval loss": first, "last eval loss": last, "seconds": time.perf_counter() - started,
+               "run dir": str(run_dir)}
+    reporter.close(summary)
+    return summary
+
+
+def _eval(run: Run, reporter: Reporter) -> None:
+    loss = evaluate(run)
+    run.state.eval_losses.append((run.state.step, loss))
+    reporter.eval(run.state.step, loss, run.state.tokens)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from lean_relora.quant import FrozenBase
+
+QUANTS = ["nf4", "fp4", "int8", "none"]
+# Max |error| of y = x W^T relative to max |y|, per format, for W ~ N(0, 0.02): 4-bit has ~16 levels per block.
+TOLERANCE = {"nf4": 0.15, "fp4": 0.2, "int8": 0.02, "none": 1e-6}
+
+
+def weight(out_features=64, in_features=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_features, in_features, generator=g) * 0.02
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_forward_matches_dense_within_quantization_error(quant):
+    w, bias = weight(), torch.randn(64) * 0.1
+    base = FrozenBase(w, bias, quant, dtype=torch.float32)
+    x = torch.randn(5, 128)
+    reference = x @ w.t() + bias
+    assert (base(x) - reference).abs().max() <= TOLERANCE[quant] * reference.abs().max()
+    # and it computes with exactly the weight it reports
+    torch.testing.assert_close(base(x), x @ base.dequantize().t() + bias, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_dequantize_is_close_to_the_dense_weight(quant):
+    w = weight()
+    base = FrozenBase(w, None, quant, dtype=torch.float32)
+    assert base.dequantize().shape == w.shape
+    assert (base.dequantize() - w).norm() <= TOLERANCE[quant] * w.norm()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+def test_load_dense_replaces_codes_and_statistics_together(quant):
+    base = FrozenBase(weight(seed=0), None, quant, dtype=torch.float32)
+    new = weight(seed=1) * 3  # another scale: stale absmax statistics would show
+    base.load_dense(new)
+    x = torch.randn(4, 128)
+    assert (base.dequantize() - new).norm() <= TOLERANCE[quant] * new.norm()
+    assert (base(x) - x @ new.t()).abs().max() <= TOLERANCE[quant] * (x @ new.t()).abs().max()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_backward_gives_input_gradient_through_the_frozen_base(quant):
+    w = weight()
+    base = FrozenBase(w, None, quant, dtype=torch.float32)
+    x = torch.randn(3, 128, requires_grad=True)
+    base(x).sum().backward()
+    expected = base.dequantize().sum(0).expand(3, -1)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-2, atol=1e-3)
+    assert not any(b.requires_grad for b in base.buffers())
+
+
+def test_four_bit_storage_is_about_half_a_byte_per_weight():
+    # 4 bits of code + one uint8 absmax per 64 weights + an fp32 absmax-of-absmax per 256 blocks = 0.516 bytes
+    base = FrozenBase(weight(1024, 512), None, "nf4", blocksize=64, double_quant=True)
+    assert 0.515 <= base.stored_bytes() / (1024 * 512) < 0.52
+
+
+def test_master_copy_stays_in_host_memory_in_fp32():
+    w = weight()
+    base = FrozenBase(w, None, "nf4", keep_master=True)
+    assert base.master.dtype == torch.float32 and base.master.device.type == "cpu"
+    torch.testing.assert_close(base.master, w)
+    assert all(name != "master" for name, _ in base.named_buffers())
