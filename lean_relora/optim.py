@@ -94,7 +94,10 @@ def _store_moments(optimizer: torch.optim.Optimizer, p: torch.Tensor, *values: t
         if codes.dtype != torch.uint8:
             codes.copy_(value)
             continue
-        new_codes, quant = bnbf.quantize_blockwise(value, code=state[map_key], blocksize=BNB_BLOCKSIZE)
+        qmap = state[map_key]
+        new_codes, quant = bnbf.quantize_blockwise(value, code=qmap, blocksize=BNB_BLOCKSIZE)
+        # bnb's quantizer sends 0 to a tiny non-zero neighbour code; pruned entries get the map's exact zero.
+        new_codes[value == 0] = qmap.abs().argmin().to(torch.uint8)
         codes.copy_(new_codes)
         state[absmax_key].copy_(quant.absmax)
 
