@@ -25,7 +25,7 @@ from .recipe import DataConfig
 EOS = "<|endoftext|>"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BPE_STREAM_DOCS = 20_000  # a stream may be endless: the BPE learns its merges from this many leading documents
-_IDS = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})  # int32 halves RAM; ids fit
+_INT32_IDS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})  # half int64's RAM
 
 
 class DataError(ValueError):
@@ -55,11 +55,13 @@ def load_documents(cfg: DataConfig):
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as e:
-        raise DataError(f"data.source = '{cfg.source}': could not be read as {builder} ({_one_line(e)}); fix the file") from e
-    ds = _text_only(ds, "text" if builder == "text" else cfg.text_column, cfg)
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise DataError(f"data.source = '{cfg.source}': could not be read as {builder} ({why}); fix the file") from e
+    column = None if builder == "text" else cfg.text_column
+    ds = _text_only(ds, column or "text", cfg)
     if cfg.max_documents:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
-    return _split_local(_drop_empty(ds, cfg), cfg)
+    return _split_local(_drop_empty(ds, cfg, column), cfg)
 
 
 def _resolve_files(source: str) -> tuple[list[str], str]:
@@ -67,22 +69,27 @@ def _resolve_files(source: str) -> tuple[list[str], str]:
     if any(c in source for c in "*?["):
         files = sorted(str(Path(p).resolve()) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise DataError(f"data.source = '{source}': the glob matches no files; fix the pattern or pass a file or directory")
+            raise DataError(f"data.source = '{source}': the glob matches no files; fix the pattern or pass a file")
     elif path.is_dir():
-        files = sorted(
-            str(p.resolve())
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in BUILDERS and not any(s.startswith(".") for s in p.relative_to(path).parts)
-        )
+        visible = (p for p in path.rglob("*") if not any(s.startswith(".") for s in p.relative_to(path).parts))
+        files = sorted(str(p.resolve()) for p in visible if p.is_file() and p.suffix.lower() in BUILDERS)
         if not files:
-            raise DataError(f"data.source = '{source}': the directory holds no .txt, .jsonl, .json or .parquet files; add some or point data.source at a file")
+            raise DataError(
+                f"data.source = '{source}': the directory holds no .txt, .jsonl, .json or .parquet files; "
+                "add some or point data.source at a file"
+            )
     elif path.is_file():
         files = [str(path.resolve())]
     else:
-        raise DataError(f"data.source = '{source}': no such file or directory; pass an existing .txt/.jsonl/.json/.parquet file, directory or glob, 'pydoc', or 'hub:NAME'")
+        raise DataError(
+            f"data.source = '{source}': no such file or directory; pass an existing .txt/.jsonl/.json/.parquet "
+            "file, directory or glob, 'pydoc', or 'hub:NAME'"
+        )
     bad = sorted({Path(f).suffix or "(none)" for f in files if Path(f).suffix.lower() not in BUILDERS})
     if bad:
-        raise DataError(f"data.source = '{source}': unsupported file extension {bad[0]}; use .txt, .jsonl, .json or .parquet")
+        raise DataError(
+            f"data.source = '{source}': unsupported file extension {bad[0]}; use .txt, .jsonl, .json or .parquet"
+        )
     kinds = sorted({BUILDERS[Path(f).suffix.lower()] for f in files})
     if len(kinds) > 1:
         raise DataError(f"data.source = '{source}': mixes {' and '.join(kinds)} files; use files of one format")
@@ -95,28 +102,34 @@ def _text_only(ds, column: str, cfg: DataConfig):
     if names is None:  # a stream that declares no features: its first record tells
         first = next(iter(ds), None)
         if first is None:
-            raise _empty(cfg)
+            raise _empty(cfg, column)
         names = list(first)
     if column not in names:
-        raise DataError(f"data.text_column = '{column}': no such column in {cfg.source}; columns present: {', '.join(names)}; set data.text_column to one of them")
+        raise DataError(
+            f"data.text_column = '{column}': no such column in {cfg.source}; columns present: {', '.join(names)}; "
+            "set data.text_column to one of them"
+        )
     feature = (ds.features or {}).get(column)
     if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"data.text_column = '{column}': holds {feature}, not text; set data.text_column to a string column")
+        raise DataError(f"data.text_column = '{column}': holds {feature}, not text; name a column of strings")
     ds = ds.select_columns([column])
     return ds if column == "text" else ds.rename_column(column, "text")
 
 
-def _drop_empty(ds, cfg: DataConfig):
+def _drop_empty(ds, cfg: DataConfig, column: str | None = None):
     ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
     if isinstance(ds, datasets.Dataset) and len(ds) == 0:
-        raise _empty(cfg)
+        raise _empty(cfg, column)
     return ds
 
 
 def _split_local(ds: datasets.Dataset, cfg: DataConfig):
     n = len(ds)
     if n < 2:
-        raise DataError(f"data.source = '{cfg.source}': only 1 non-empty document; give at least 2 so one can be held out for evaluation")
+        raise DataError(
+            f"data.source = '{cfg.source}': only 1 non-empty document; give at least 2 so one can be held out for "
+            "evaluation"
+        )
     n_eval = min(n - 1, max(1, round(n * cfg.eval_fraction)))
     split = ds.train_test_split(test_size=n_eval, seed=cfg.shuffle_seed)
     return split["train"], split["test"]
@@ -127,25 +140,23 @@ def _load_hub(cfg: DataConfig, name: str):
         ds = datasets.load_dataset(name, cfg.hub_config or None, split=cfg.split, streaming=True)
         if cfg.max_documents:
             ds = ds.take(cfg.max_documents)
-        ds = _drop_empty(_text_only(ds, cfg.text_column, cfg), cfg)
+        ds = _drop_empty(_text_only(ds, cfg.text_column, cfg), cfg, cfg.text_column)
         eval_texts = [ex["text"] for ex in ds.take(cfg.eval_documents)]
     except DataError:
         raise
     except Exception as e:  # unknown name, offline, gated, bad config/split: the cause stays chained
-        raise DataError(f"data.source = '{cfg.source}': the hub dataset '{name}' could not be loaded; check the name, data.hub_config, data.split and the network, or use a local file (data.source = corpus.jsonl)") from e
+        raise DataError(
+            f"data.source = '{cfg.source}': the hub dataset '{name}' could not be loaded; check the name, "
+            "data.hub_config, data.split and the network, or use a local file (data.source = corpus.jsonl)"
+        ) from e
     if not eval_texts:
-        raise _empty(cfg)
+        raise _empty(cfg, cfg.text_column)
     return ds.skip(cfg.eval_documents), datasets.Dataset.from_dict({"text": eval_texts})
 
 
-def _empty(cfg: DataConfig) -> DataError:
-    has_column = cfg.source.startswith("hub:") or not cfg.source.endswith((".txt", "pydoc"))
-    where = f" in column '{cfg.text_column}'" if has_column else ""
+def _empty(cfg: DataConfig, column: str | None = None) -> DataError:
+    where = f" in column '{column}'" if column else ""
     return DataError(f"data.source = '{cfg.source}': no non-empty documents{where}; give a corpus that contains text")
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -177,7 +188,8 @@ def load_tokenizer(cfg: DataConfig, cache_dir: Path, documents=None) -> PreTrain
 
 def _bpe_fingerprint(cfg: DataConfig) -> dict:
     # Everything that changes which documents the BPE is trained on, plus its size.
-    keys = ("source", "hub_config", "split", "text_column", "max_documents", "eval_fraction", "eval_documents", "shuffle_seed", "bpe_vocab_size")
+    keys = ("source", "hub_config", "split", "text_column", "max_documents", "eval_fraction", "eval_documents",
+            "shuffle_seed", "bpe_vocab_size")
     return {"format": 1, **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -185,9 +197,8 @@ def _train_bpe(documents, vocab_size: int) -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # bytes: any text encodes, nothing is <unk>
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(_texts(documents), trainer=trainer)
     # No clean-up of spaces on decode, so decode(encode(s)) == s.
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, clean_up_tokenization_spaces=False)
@@ -207,9 +218,15 @@ def _pretrained_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
-        raise DataError(f"data.tokenizer = '{name}': could not be loaded; pass a local tokenizer directory, a reachable hub name, or 'bpe' to train one on the corpus") from e
+        raise DataError(
+            f"data.tokenizer = '{name}': could not be loaded; pass a local tokenizer directory, a reachable hub name, "
+            "or 'bpe' to train one on the corpus"
+        ) from e
     if tok.eos_token_id is None:
-        raise DataError(f"data.tokenizer = '{name}': has no eos_token to separate packed documents; use a tokenizer that defines one, or 'bpe'")
+        raise DataError(
+            f"data.tokenizer = '{name}': has no eos_token to separate packed documents; use a tokenizer that "
+            "defines one, or 'bpe'"
+        )
     return tok
 
 
@@ -228,16 +245,21 @@ def _tokenize_fn(tok):
 
 def _pack(docs: datasets.Dataset, tok, seq_len: int) -> tuple[torch.Tensor, int]:
     """Blocks [n, seq_len] (int32) of the documents' concatenated tokens, and the token count before cutting."""
-    tokenized = docs.map(_tokenize_fn(tok), batched=True, remove_columns=docs.column_names, features=_IDS)
+    tokenized = docs.map(_tokenize_fn(tok), batched=True, remove_columns=docs.column_names, features=_INT32_IDS)
     flat = pc.list_flatten(tokenized.data.column("input_ids")).to_numpy()
     n = len(flat) // seq_len  # the tail that does not fill a block is dropped
-    return torch.from_numpy(np.array(flat[: n * seq_len], dtype=np.int32)).view(n, seq_len), len(flat)
+    kept = flat[: n * seq_len]
+    kept = kept if kept.flags.writeable else kept.copy()  # zero-copy Arrow memory is read-only; torch wants to own it
+    return torch.from_numpy(kept).view(n, seq_len), len(flat)
 
 
 def _too_small(cfg: DataConfig, split: str, tokens: int, streaming: bool) -> DataError:
     knob = "data.eval_documents" if streaming else "data.eval_fraction"
     fix = f"lower data.seq_len or {knob}" if split == "train" else f"lower data.seq_len, raise {knob}"
-    return DataError(f"data.seq_len = {cfg.seq_len}: the {split} split has only {tokens} tokens, fewer than one block; {fix}, or give more data")
+    return DataError(
+        f"data.seq_len = {cfg.seq_len}: the {split} split has only {tokens} tokens, fewer than one block; {fix}, "
+        "or give more data"
+    )
 
 
 class PackedData:
@@ -254,7 +276,7 @@ class PackedData:
         self.train_tokens = None if train_blocks is None else self.num_train_blocks * self.seq_len
 
     def train_batch(self, index: int, batch_size: int) -> torch.LongTensor:
-        """The index-th micro-batch of the run, [batch_size, seq_len]; a function of (seed, index, batch_size) only."""
+        """The index-th micro-batch, [batch_size, seq_len]: a function of (seed, index, batch_size) alone."""
         n = self.num_train_blocks
         epoch, offset = np.divmod(np.arange(index * batch_size, (index + 1) * batch_size), n)
         rows = np.empty_like(offset)
@@ -270,8 +292,13 @@ class PackedData:
         return self._orders[epoch]
 
     def eval_batches(self, batch_size: int, max_batches: int) -> list[torch.LongTensor]:
-        """The first max_batches * batch_size eval blocks, in a fixed order; the last batch may be smaller."""
-        return [b.long() for b in self._eval[: batch_size * max_batches].split(batch_size)]
+        """Up to max_batches full batches of eval blocks, the same every call.
+
+        Batches are never ragged (so a plain mean of batch losses is exact), unless there are fewer eval blocks than
+        batch_size: then the single batch holds them all.
+        """
+        usable = max(min(max_batches, len(self._eval) // batch_size) * batch_size, min(batch_size, len(self._eval)))
+        return [b.long() for b in self._eval[:usable].split(batch_size)]
 
 
 class StreamingPackedData(PackedData):

@@ -8,16 +8,12 @@ space: dequantize per block, prune, quantize again with the same map.
 
 from __future__ import annotations
 
-import logging
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
 from lean_relora.recipe import OptimConfig
-
-log = logging.getLogger(__name__)
 
 BNB_BLOCKSIZE = 256  # bnb's blockwise 8-bit optimizer state block, in elements
 MOMENTS = (("state1", "absmax1", "qmap1"), ("state2", "absmax2", "qmap2"))  # bnb 8-bit
@@ -36,8 +32,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     if cfg.name == "paged_adamw8bit" and device.type != "cuda":
-        log.info("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
-                 device.type)
+        # Paging needs CUDA unified memory; elsewhere bnb would fall back to ordinary state and warn every step.
         return bnb.optim.AdamW8bit(groups, **kwargs)
     cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
     return cls(groups, **kwargs)

@@ -220,7 +220,7 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Recipe)}
+SECTIONS: dict[str, type] = typing.get_type_hints(Recipe)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
@@ -253,7 +253,9 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
 
 
 def default_recipe_path() -> Path:
-    return Path(__file__).parent / "recipes" / "tiny_cpu.toml"
+    # A wheel carries recipes/ inside the package; a source checkout (editable install) has it beside the package.
+    packaged = Path(__file__).parent / "recipes" / "tiny_cpu.toml"
+    return packaged if packaged.exists() else Path(__file__).parent.parent / "recipes" / "tiny_cpu.toml"
 
 
 def _build_section(cls, section: str, table: dict, where: str):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lean_relora.quant import FrozenBase
-from lean_relora.recipe import LoraConfig
+from lean_relora.recipe import LoraConfig, RecipeError
 
 
 class ReLoRALinear(nn.Module):
@@ -72,7 +72,7 @@ def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torc
     weight is ever on the device beside the quantized ones. Returns the names of the wrapped modules."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, cfg.targets)]
     if not names:
-        raise ValueError(f"lora.targets = {cfg.targets}: no nn.Linear in the model matches; "
+        raise RecipeError(f"lora.targets = {cfg.targets}: no nn.Linear in the model matches; "
                          "name module suffixes such as q_proj or a regex")
     for name in names:
         parent_name, _, leaf = name.rpartition(".")

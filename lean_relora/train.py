@@ -19,7 +19,7 @@ from lean_relora.data import PackedData, build_data
 from lean_relora.model import DTYPES, build_model
 from lean_relora.optim import build_optimizer, reset_state, set_lr
 from lean_relora.progress import Reporter
-from lean_relora.recipe import Recipe
+from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.relora import lora_parameters, merge_all, set_trainable, wrap_model
 from lean_relora.schedule import JaggedCosine
 
@@ -53,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda': no CUDA device is visible; use 'auto' or 'cpu'")
+        raise RecipeError("train.device = 'cuda': no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(name)
 
 
@@ -69,6 +69,9 @@ def setup(recipe: Recipe, run_dir: Path) -> Run:
         torch.set_num_threads(recipe.train.threads)
     torch.manual_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
+    if recipe.optim.name == "paged_adamw8bit" and device.type != "cuda":
+        log.info("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
+                 device.type)
     data, tokenizer = build_data(recipe.data, run_dir)
     model = build_model(recipe.model, data.vocab_size, recipe.data.seq_len, tokenizer.eos_token_id)
     schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,

@@ -79,6 +79,9 @@ def test_pydoc_blocks_shape_dtype_and_range(pydoc):
         assert 0 <= int(b.min()) and int(b.max()) < data.vocab_size
     assert data.train_tokens == data.num_train_blocks * cfg.seq_len > 0 and data.num_eval_blocks > 0
     assert data.eval_batches(4, 3)[2].equal(evals[2])  # eval blocks are fixed
+    every = data.eval_batches(5, 10**6)  # never ragged: the tail that fills no batch is left out
+    assert len(every) == data.num_eval_blocks // 5 and {b.shape[0] for b in every} == {5}
+    assert data.eval_batches(10**6, 2)[0].shape[0] == data.num_eval_blocks  # too few blocks: one smaller batch
 
 
 def test_pydoc_documents_are_split_disjointly_and_deterministically():
@@ -141,7 +144,8 @@ def test_train_batches_are_deterministic_and_cover_each_epoch(pydoc, tmp_path):
     # A batch is just consecutive positions of that sequence, also across the epoch boundary.
     k = n // 3
     assert data.train_batch(k, 3).tolist() == [list(r) for r in (epoch0 + epoch1)[3 * k : 3 * k + 3]]
-    assert not data.train_batch(0, 4).equal(build_data(DataConfig(seq_len=64, shuffle_seed=5), tmp_path / "s")[0].train_batch(0, 4))
+    reseeded, _ = build_data(DataConfig(seq_len=64, shuffle_seed=5), tmp_path / "s")
+    assert not data.train_batch(0, 4).equal(reseeded.train_batch(0, 4))
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -214,9 +218,10 @@ def test_jsonl_and_parquet_respect_text_column(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", docs, column="body", lang="en")
     pq.write_table(pa.table({"content": docs, "n": list(range(10))}), tmp_path / "c.parquet")
     for source, column in (("c.jsonl", "body"), ("c.parquet", "content")):
-        train, test = load_documents(DataConfig(source=str(tmp_path / source), text_column=column, eval_fraction=0.3))
+        cfg = DataConfig(source=str(tmp_path / source), text_column=column, eval_fraction=0.3)
+        train, test = load_documents(cfg)
         assert train.column_names == ["text"] and sorted(texts(train) + texts(test)) == sorted(docs)
-    capped, held = load_documents(DataConfig(source=str(tmp_path / "c.parquet"), text_column="content", max_documents=4))
+    capped, held = load_documents(DataConfig(source=str(tmp_path / "c.jsonl"), text_column="body", max_documents=4))
     assert len(capped) + len(held) == 4
 
 
@@ -235,7 +240,8 @@ def test_streaming_hub_source(tmp_path, monkeypatch):
     docs = marker_docs(30)
     path = write_jsonl(tmp_path / "stream.jsonl", docs, column="content")
     real = datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: real("json", data_files=str(path), split="train", streaming=True))
+    stub = lambda *a, **k: real("json", data_files=str(path), split="train", streaming=True)  # noqa: E731
+    monkeypatch.setattr(datasets, "load_dataset", stub)
     cfg = DataConfig(source="hub:someone/stub", text_column="content", eval_documents=5, seq_len=16)
     train, test = load_documents(cfg)
     assert isinstance(train, datasets.IterableDataset) and texts(test) == docs[:5]
@@ -248,7 +254,8 @@ def test_streaming_hub_source(tmp_path, monkeypatch):
     assert flat[: per_epoch * 16] == want[: per_epoch * 16]
     assert flat[per_epoch * 16 :] == want[: len(flat) - per_epoch * 16]  # the next pass repeats the stream
     assert data.train_batch(3, 2).equal(first[3])  # going back replays the stream exactly
-    assert torch.cat(data.eval_batches(1, 10**6)).flatten().tolist() == expected_stream(tok, docs[:5])[: data.num_eval_blocks * 16]
+    eval_stream = torch.cat(data.eval_batches(1, 10**6)).flatten().tolist()
+    assert eval_stream == expected_stream(tok, docs[:5])[: data.num_eval_blocks * 16]
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -264,7 +271,9 @@ def test_error_missing_path(tmp_path):
 
 def test_error_glob_matches_nothing(tmp_path):
     src = str(tmp_path / "*.jsonl")
-    assert raises(DataConfig(source=src)) == f"data.source = '{src}': the glob matches no files; fix the pattern or pass a file or directory"
+    assert raises(DataConfig(source=src)) == (
+        f"data.source = '{src}': the glob matches no files; fix the pattern or pass a file"
+    )
 
 
 def test_error_unsupported_extension(tmp_path):
@@ -278,7 +287,8 @@ def test_error_unsupported_extension(tmp_path):
 def test_error_missing_text_column(tmp_path):
     src = str(write_jsonl(tmp_path / "c.jsonl", ["a", "b"], column="body"))
     assert raises(DataConfig(source=src)) == (
-        f"data.text_column = 'text': no such column in {src}; columns present: body, id; set data.text_column to one of them"
+        f"data.text_column = 'text': no such column in {src}; columns present: body, id; "
+        "set data.text_column to one of them"
     )
 
 
@@ -286,6 +296,13 @@ def test_error_empty_corpus(tmp_path):
     src = str(write_jsonl(tmp_path / "c.jsonl", ["", "   \n", ""]))
     assert raises(DataConfig(source=src)) == (
         f"data.source = '{src}': no non-empty documents in column 'text'; give a corpus that contains text"
+    )
+    (tmp_path / "txt").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "txt" / name).write_text(" \n")
+    src = str(tmp_path / "txt")
+    assert raises(DataConfig(source=src)) == (
+        f"data.source = '{src}': no non-empty documents; give a corpus that contains text"
     )
 
 

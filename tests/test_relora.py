@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lean_relora.quant import FrozenBase
-from lean_relora.recipe import LoraConfig
+from lean_relora.recipe import LoraConfig, RecipeError
 from lean_relora.relora import ReLoRALinear, lora_parameters, merge_all, relora_layers, set_trainable, wrap_model
 from test_quant import QUANTS, TOLERANCE, weight
 
@@ -81,7 +81,7 @@ def test_wrap_model_replaces_exactly_the_targets(tiny_llama):
 
 
 def test_wrap_model_rejects_targets_that_match_nothing(tiny_llama):
-    with pytest.raises(ValueError, match="no nn.Linear in the model matches"):
+    with pytest.raises(RecipeError, match="no nn.Linear in the model matches"):
         wrap_model(tiny_llama(), LoraConfig(targets=["nothing_here"]), keep_master=False, dtype=torch.float32)
 
 

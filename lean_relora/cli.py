@@ -1,0 +1,99 @@
+"""`lean-relora`: the command line, a thin layer over functions the tests call directly.
+
+Bad input (recipe, data, arguments) ends with one line on stderr saying what is wrong and how to fix it, and exit
+code 2; nothing that already exists is overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    help="Memory-lean ReLoRA pretraining on one GPU: a 4-bit/8-bit frozen base, low-rank cycles merged at restarts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RecipeArg = Annotated[Optional[Path], typer.Argument(
+    help="Recipe TOML file; omitted: the embedded default (recipes/tiny_cpu.toml, a tiny LLaMA on CPython's docs).",
+    show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override one recipe value, e.g. --set lora.rank=16 (repeatable; TOML syntax for the value).",
+    show_default=False)]
+
+
+@app.callback()
+def _commands() -> None:
+    """Memory-lean ReLoRA pretraining on one GPU."""
+
+
+class UserError(Exception):
+    """Bad input of any kind; the message is the one line the user sees."""
+
+
+def _setup_logging() -> Console:
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_time=False, show_path=False)], force=True)
+    # bnb warns at import about an optional CPU kernel package we do not need.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+
+    datasets.disable_progress_bars()  # our own progress is the one to watch; theirs flashes by in a second
+    return console
+
+
+def _fail(console: Console, message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def new_run_dir(recipe_path: Optional[Path], root: Path = Path("runs")) -> Path:
+    """runs/<recipe name>-<UTC time>: a fresh directory per run, so no run overwrites another."""
+    stem = recipe_path.stem if recipe_path else "tiny_cpu"
+    return root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+@app.command()
+def train(
+    recipe: RecipeArg = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option(
+        "--run-dir", help="Directory for metrics, tokenizer and checkpoints [default: runs/<recipe>-<time>].",
+        show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        "--max-steps", min=1, help="Stop after this many optimizer steps (overrides train.max_steps).",
+        show_default=False)] = None,
+):
+    """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl."""
+    console = _setup_logging()
+    from lean_relora.data import DataError
+    from lean_relora.recipe import RecipeError, load_recipe
+    from lean_relora.train import train as run_training
+
+    overrides = list(set_ or []) + ([f"train.max_steps={max_steps}"] if max_steps else [])
+    try:
+        loaded = load_recipe(recipe, overrides)
+        run_dir = run_dir or new_run_dir(recipe)
+        if (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory")
+        console.print(f"run dir: {run_dir}", highlight=False)
+        run_training(loaded, run_dir)
+    except (RecipeError, DataError, UserError) as e:
+        _fail(console, str(e))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
