@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 app = typer.Typer(
     help="Memory-lean ReLoRA pretraining on one GPU: a 4-bit/8-bit frozen base, low-rank cycles merged at restarts.",
@@ -23,7 +24,7 @@ app = typer.Typer(
 )
 
 RecipeArg = Annotated[Optional[Path], typer.Argument(
-    help="Recipe TOML file; omitted: the embedded default (recipes/tiny_cpu.toml, a tiny LLaMA on CPython's docs).",
+    metavar="RECIPE", help="Recipe TOML file; omitted: the embedded default (recipes/tiny_cpu.toml, a tiny LLaMA on CPython's docs).",
     show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override one recipe value, e.g. --set lora.rank=16 (repeatable; TOML syntax for the value).",
@@ -52,7 +53,7 @@ def _setup_logging() -> Console:
 
 
 def _fail(console: Console, message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -70,7 +71,7 @@ def train(
         "--run-dir", help="Directory for metrics, tokenizer and checkpoints [default: runs/<recipe>-<time>].",
         show_default=False)] = None,
     max_steps: Annotated[Optional[int], typer.Option(
-        "--max-steps", min=1, help="Stop after this many optimizer steps (overrides train.max_steps).",
+        "--max-steps", help="Stop after this many optimizer steps (overrides train.max_steps).",
         show_default=False)] = None,
 ):
     """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl."""
@@ -79,8 +80,10 @@ def train(
     from lean_relora.recipe import RecipeError, load_recipe
     from lean_relora.train import train as run_training
 
-    overrides = list(set_ or []) + ([f"train.max_steps={max_steps}"] if max_steps else [])
+    overrides = list(set_ or []) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     try:
+        if max_steps is not None and max_steps < 1:
+            raise UserError(f"--max-steps {max_steps}: must be >= 1")
         loaded = load_recipe(recipe, overrides)
         run_dir = run_dir or new_run_dir(recipe)
         if (run_dir / "metrics.jsonl").exists():

@@ -55,7 +55,7 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from and how they are cut into training blocks."""
 
-    source: str = "pydoc"  # "pydoc" (CPython's bundled docs), a file/dir/glob of .txt/.jsonl/.json/.parquet, or "hub:NAME"
+    source: str = "pydoc"  # "pydoc" (CPython's bundled docs), a file/dir/glob of .txt/.jsonl/.json/.parquet (one .txt file: documents split at blank lines; several: one per file), or "hub:NAME" (streamed)
     hub_config: str = ""  # configuration name of a hub dataset (e.g. "en" for allenai/c4)
     split: str = "train"  # split of a hub dataset
     text_column: str = "text"  # column holding the documents in jsonl/parquet/hub data
@@ -82,7 +82,7 @@ class LoraConfig:
     rank: int = 8  # r: inner dimension of B (out x r) @ A (r x in)
     alpha: float = 16.0  # LoRA output is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the LoRA branch input, probability
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # Linear modules whose name ends with one of these
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # Linear modules to wrap: names or regexes matched against the last part of the module name
     quant: str = "nf4"  # frozen base storage: nf4 | fp4 (bnb 4-bit) | int8 (bnb row-wise) | none (frozen bf16/fp32)
     blocksize: int = 64  # 4-bit quantization block, in elements
     double_quant: bool = True  # quantize the 4-bit absmax statistics again (saves ~0.4 bit/param)
@@ -290,7 +290,7 @@ def _type_ok(value, hint) -> bool:
 
 def _type_name(hint) -> str:
     if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+        return {str: "a list of strings", float: "a list of numbers"}[typing.get_args(hint)[0]]
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 

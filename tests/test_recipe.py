@@ -1,0 +1,95 @@
+"""Recipes: every shipped recipe loads; each kind of bad recipe gets one exact line and no traceback."""
+
+from pathlib import Path
+
+import pytest
+
+from lean_relora.recipe import Recipe, RecipeError, default_recipe_path, load_recipe
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.data.seq_len <= recipe.model.max_position_embeddings
+
+
+def test_the_default_is_the_tiny_cpu_recipe():
+    assert default_recipe_path().name == "tiny_cpu.toml"
+    assert load_recipe(None) == load_recipe(default_recipe_path())
+
+
+def test_overrides_win_and_keep_toml_types():
+    recipe = load_recipe(None, ["lora.rank=4", "optim.lr=3e-4", "lora.quant=int8", "data.source=corpus.txt",
+                               "optim.betas=[0.9, 0.99]", "model.gradient_checkpointing=true"])
+    assert recipe.lora.rank == 4 and recipe.optim.lr == 3e-4 and recipe.lora.quant == "int8"
+    assert recipe.data.source == "corpus.txt" and recipe.optim.betas == [0.9, 0.99]
+    assert recipe.model.gradient_checkpointing is True
+
+
+def test_integers_are_accepted_for_float_fields():
+    assert load_recipe(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+def test_digest_changes_with_any_field():
+    assert load_recipe(None).digest() != load_recipe(None, ["train.seed=1"]).digest()
+
+
+# (TOML body, expected message after "<file>: "). Each is one kind of mistake a user makes.
+MALFORMED = [
+    ("[modle]\nhidden_size = 8\n", "unknown section [modle]; did you mean 'model'?"),
+    ("[lora]\nrnak = 8\n", "unknown key lora.rnak; did you mean 'rank'?"),
+    ('[lora]\nrank = "8"\n', "lora.rank = '8': must be an integer, got str"),
+    ("[lora]\nrank = true\n", "lora.rank = True: must be an integer, got bool"),
+    ("[lora]\nrank = 0\n", "lora.rank = 0: must be > 0"),
+    ('[lora]\nquant = "nf3"\n', "lora.quant = 'nf3': must be one of nf4, fp4, int8, none"),
+    ("[relora]\nreset_ratio = 1.0\n", "relora.reset_ratio = 1.0: must be in [0, 1)"),
+    ("[relora]\nrestart_every = 50\nrestart_warmup_steps = 100\n",
+     "relora.restart_every = 50: must be longer than relora.restart_warmup_steps (100)"),
+    ("[data]\nseq_len = 4096\n[model]\nmax_position_embeddings = 2048\n",
+     "data.seq_len = 4096: must be <= model.max_position_embeddings (2048)"),
+    ("[optim]\nbetas = [0.9]\n", "optim.betas = [0.9]: must be two numbers in [0, 1)"),
+    ("[lora]\ntargets = [1, 2]\n", "lora.targets = [1, 2]: must be a list of strings, got list"),
+    ("lora = 3\n", "lora must be a [lora] table, got 3"),
+    ("[train]\nmax_steps = 10\n[relora]\nwarm_start_steps = 10\n",
+     "relora.warm_start_steps = 10: must be < train.max_steps (10)"),
+    ("[model]\nhidden_size = 100\nnum_heads = 3\n", "model.hidden_size = 100: must be divisible by model.num_heads"),
+]
+
+
+@pytest.mark.parametrize("body,message", MALFORMED, ids=[m.split(":")[0] for _, m in MALFORMED])
+def test_malformed_recipe_gives_one_exact_line(tmp_path, body, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_invalid_toml_names_the_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[lora]\nrank = = 8\n")
+    with pytest.raises(RecipeError, match=r"bad.toml: not valid TOML \(.*line 2.*\); fix the syntax at that line"):
+        load_recipe(path)
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(RecipeError, match="nope.toml: no such recipe file"):
+        load_recipe(tmp_path / "nope.toml")
+    with pytest.raises(RecipeError, match=r"--set 'lora.rank': expected section.key=value"):
+        load_recipe(None, ["lora.rank"])
+    with pytest.raises(RecipeError, match=r"unknown key lora.rnak; did you mean 'rank'"):
+        load_recipe(None, ["lora.rnak=3"])
+
+
+def test_readme_documents_every_recipe_key_and_ci_runs_its_test_command():
+    root = Path(__file__).parent.parent
+    readme = root.joinpath("README.md").read_text()
+    for section, cls in __import__("lean_relora.recipe", fromlist=["SECTIONS"]).SECTIONS.items():
+        assert f"**[{section}]**" in readme
+        for key in cls.__dataclass_fields__:
+            assert f"| `{key}` |" in readme, f"README lacks {section}.{key}"
+    test_command = next(line for line in readme.splitlines() if "pytest" in line and line.startswith("python3"))
+    assert test_command in root.joinpath(".ci", "run").read_text().splitlines()

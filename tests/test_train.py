@@ -1,0 +1,106 @@
+"""The loop: 20-step ReLoRA runs of a tiny LLaMA learn, across restarts, for each base format."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lean_relora.recipe import (DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
+                                ReloraConfig, TrainConfig)
+from lean_relora.relora import relora_layers
+from lean_relora.train import setup, train, train_step
+
+
+def tiny_recipe(quant="nf4", steps=20, warm_start=0, restart_every=7, **train_kw) -> Recipe:
+    return Recipe(
+        model=ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          max_position_embeddings=64, dtype="fp32"),
+        data=DataConfig(source="pydoc", bpe_vocab_size=512, seq_len=32, eval_fraction=0.1),
+        lora=LoraConfig(rank=8, alpha=16, quant=quant),
+        relora=ReloraConfig(restart_every=restart_every, restart_warmup_steps=2, warm_start_steps=warm_start,
+                            reset_ratio=0.9),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        train=TrainConfig(**{"max_steps": steps, "micro_batch_size": 8, "device": "cpu", **train_kw}),
+        eval=EvalConfig(every=0, batches=4),
+        log=LogConfig(every=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer_cache(tmp_path_factory):
+    """One trained BPE tokenizer shared by the runs of this module (each run would otherwise train its own)."""
+    cache = tmp_path_factory.mktemp("cache")
+    setup(tiny_recipe(), cache)
+    return cache
+
+
+def run_dir(tmp_path, tokenizer_cache):
+    for item in tokenizer_cache.iterdir():
+        if item.name.startswith("tokenizer"):
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, tmp_path / item.name)
+    return tmp_path
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class Silent:
+    def step(self, record, steps_to_restart): self.last = record
+    def eval(self, step, loss, tokens): pass
+    def line(self, text): pass
+    def close(self, summary): pass
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
+def test_twenty_steps_with_two_restarts_reduce_the_loss(tmp_path, tokenizer_cache, quant):
+    directory = run_dir(tmp_path, tokenizer_cache)
+    summary = train(tiny_recipe(quant), directory)
+    assert summary["restarts"] == 2 and summary["steps"] == 20
+    assert summary["last eval loss"] < summary["first eval loss"] - 0.5
+    steps = [r for r in records(directory / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert [r["restarts"] for r in steps if r["step"] in (7, 8, 14, 15)] == [0, 1, 1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
+
+
+def test_warm_start_trains_full_rank_then_switches_to_relora(tmp_path, tokenizer_cache):
+    directory = run_dir(tmp_path, tokenizer_cache)
+    recipe = tiny_recipe(steps=12, warm_start=5, restart_every=4)
+    summary = train(recipe, directory)
+    assert summary["restarts"] == 1  # LoRA starts at step 5, merges at step 9
+    assert summary["last eval loss"] < summary["first eval loss"]
+
+
+def test_warm_start_phase_is_dense_and_every_weight_trains(tmp_path, tokenizer_cache):
+    run = setup(tiny_recipe(warm_start=5), run_dir(tmp_path, tokenizer_cache))
+    assert relora_layers(run.model) == []
+    assert all(p.requires_grad for p in run.model.parameters())
+    before = run.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    train_step(run)
+    assert not torch.equal(before, run.model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_tokens_are_counted_exactly(tmp_path, tokenizer_cache):
+    run = setup(tiny_recipe(grad_accum_steps=3), run_dir(tmp_path, tokenizer_cache))
+    for _ in range(2):
+        train_step(run)
+    assert run.state.tokens == 2 * 3 * 8 * 32
+    assert run.state.micro_batches == 6
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer_cache):
+    """Two micro-batches of 4 give the same update as one batch of 8 holding the same sequences."""
+    directory = run_dir(tmp_path, tokenizer_cache)
+    big = setup(tiny_recipe(quant="none", micro_batch_size=8), directory)
+    small = setup(tiny_recipe(quant="none", micro_batch_size=4, grad_accum_steps=2), directory)
+    for run in (big, small):
+        run.recipe.optim.grad_clip = 0.0
+        for group in run.optimizer.param_groups:
+            group["lr"] = 1e-3
+    loss_big, loss_small = train_step(big), train_step(small)
+    assert loss_big == pytest.approx(loss_small, rel=1e-5)
+    for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
