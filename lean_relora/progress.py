@@ -2,8 +2,10 @@
 
 metrics.jsonl has one JSON object per line: a training record every `log.every` steps
     {"step", "loss", "lr", "tokens", "tokens_per_s", "restarts"}
-and an evaluation record at each evaluation
-    {"step", "eval_loss", "eval_ppl", "tokens"}.
+an evaluation record at each evaluation
+    {"step", "eval_loss", "eval_ppl", "tokens"}
+and a restart record at each restart (retention: share of all merged updates the quantized base still holds)
+    {"step", "restart", "merge_seconds", "retention"}.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class Reporter:
     def eval(self, step: int, loss: float, tokens: int) -> None:
         self._write({"step": step, "eval_loss": loss, "eval_ppl": _ppl(loss), "tokens": tokens})
         self.line(f"step {step}: eval loss {loss:.4f}, perplexity {_ppl(loss):.2f}")
+
+    def restart(self, record: dict) -> None:
+        self._write(record)
+        self.line(f"step {record['step']}: restart {record['restart']} (merged in {record['merge_seconds']:.2f} s, "
+                  f"cumulative retention {record['retention']:.3f})")
 
     def line(self, text: str) -> None:
         self.console.print(text, highlight=False)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FOUR_BIT = ("nf4", "fp4")
+INT8_ROWS_PER_SLICE = 256  # rows converted to fp16 at once when quantizing to int8
 
 
 class FrozenBase(nn.Module):
@@ -41,6 +42,7 @@ class FrozenBase(nn.Module):
         if self.master is not None and torch.cuda.is_available():
             self.master = self.master.pin_memory()
         self.load_dense(weight)
+        self.probe = RetentionProbe(self.dequantize())
 
     @torch.no_grad()
     def load_dense(self, dense: torch.Tensor) -> None:
@@ -51,7 +53,13 @@ class FrozenBase(nn.Module):
             self._set_buffer("packed", packed)
             self.quant_state = state
         elif self.quant == "int8":
-            codes, row_absmax, _ = bnbf.int8_vectorwise_quant(dense.to(torch.float16).contiguous())
+            # bnb's CUDA kernel takes fp16; the quantization is per row, so convert a slice of rows at a time
+            # rather than the whole layer (that would add half a dense fp32 copy to the merge transient).
+            codes = torch.empty(dense.shape, dtype=torch.int8, device=dense.device)
+            row_absmax = torch.empty(dense.shape[0], dtype=torch.float32, device=dense.device)
+            for start in range(0, dense.shape[0], INT8_ROWS_PER_SLICE):
+                rows = slice(start, start + INT8_ROWS_PER_SLICE)
+                codes[rows], row_absmax[rows], _ = bnbf.int8_vectorwise_quant(dense[rows].to(torch.float16))
             self._set_buffer("codes", codes)
             self._set_buffer("row_absmax", row_absmax)
         elif self.quant == "none":
@@ -69,14 +77,17 @@ class FrozenBase(nn.Module):
         return self.weight.float()
 
     @torch.no_grad()
-    def add_(self, delta: torch.Tensor) -> None:
-        """W += delta, then requantize. Extra device memory: about one dense fp32 copy of this layer's weight."""
-        if self.master is not None:
-            self.master += delta.to(self.master.device, torch.float32)
-            del delta
-            self.load_dense(self.master.to(self.device, non_blocking=True))
-        else:
-            self.load_dense(self.dequantize().add_(delta))
+    def add_low_rank_(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+        """W += scale * up @ down, then requantize. Extra device memory: one dense fp32 copy of W, in which the
+        product is accumulated in place (addmm_), so no separate delta is ever materialised."""
+        self.probe.add_low_rank(up, down, scale)
+        dense = self.master.to(self.device) if self.master is not None else self.dequantize()
+        dense.addmm_(up.float(), down.float(), alpha=scale)
+        if self.master is not None and dense is not self.master:
+            self.master.copy_(dense)
+        self.load_dense(dense)
+        del dense
+        self.probe.observe(self.dequantize())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant in FOUR_BIT:
@@ -101,6 +112,13 @@ class FrozenBase(nn.Module):
             tensors += _quant_state_tensors(self.quant_state)
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this base keeps, buffers or not: stored form, quant state, master, retention probe."""
+        tensors = list(self.buffers()) + [self.probe.start, self.probe.now, self.probe.merged]
+        if self.quant_state is not None:
+            tensors += _quant_state_tensors(self.quant_state)
+        return tensors + ([self.master] if self.master is not None else [])
+
     def _set_buffer(self, name: str, value: torch.Tensor) -> None:
         if name in self._buffers:
             self._buffers[name] = value
@@ -124,3 +142,37 @@ def _quant_state_tensors(state: bnbf.QuantState) -> list[torch.Tensor]:
     if state.nested:
         tensors += [state.offset, state.state2.absmax, state.state2.code]
     return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+class RetentionProbe:
+    """How much of everything merged into a weight its stored form still holds, measured on a fixed sample of entries.
+
+        retention = <deq(W_now) - deq(W_0), D> / |D|^2,   D = the sum of all merged updates
+
+    1.0 means every update is in the weights; a naive requantization of small updates gives about 0. The exact value
+    needs W_0 and D in full (two dense copies per layer); a fixed random sample of `size` entries estimates it for a
+    few KB per layer.
+    """
+
+    def __init__(self, weight: torch.Tensor, size: int = 4096, seed: int = 0):
+        size = max(1, min(size, weight.numel() // 8))
+        generator = torch.Generator().manual_seed(seed)  # its own generator: probing must not shift the run's RNG
+        self.rows = torch.randint(weight.shape[0], (size,), generator=generator)
+        self.cols = torch.randint(weight.shape[1], (size,), generator=generator)
+        self.start = self._sample(weight)
+        self.now = self.start.clone()
+        self.merged = torch.zeros_like(self.start)
+
+    def _sample(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight[self.rows.to(weight.device), self.cols.to(weight.device)].double().cpu()
+
+    def add_low_rank(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+        rows, cols = self.rows.to(up.device), self.cols.to(up.device)
+        self.merged += scale * (up[rows].float() * down[:, cols].t().float()).sum(1).double().cpu()
+
+    def observe(self, weight: torch.Tensor) -> None:
+        self.now = self._sample(weight)
+
+    def terms(self) -> tuple[float, float]:
+        """(<deq(W_now) - deq(W_0), D>, |D|^2) on the sample; sum them over layers for a model-wide retention."""
+        return float((self.now - self.start) @ self.merged), float(self.merged @ self.merged)

@@ -53,7 +53,7 @@ class ReLoRALinear(nn.Module):
     @torch.no_grad()
     def merge_and_reinit(self, generator: torch.Generator | None = None) -> None:
         """W <- W + s B A (in fp32), then a fresh cycle: A re-drawn, B = 0."""
-        self.base.add_(self.scale * (self.lora_B.float() @ self.lora_A.float()))
+        self.base.add_low_rank_(self.lora_B, self.lora_A, self.scale)
         self.reset_lora(generator)
 
     def extra_repr(self) -> str:

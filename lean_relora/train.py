@@ -20,7 +20,7 @@ from lean_relora.model import DTYPES, build_model
 from lean_relora.optim import build_optimizer, reset_state, set_lr
 from lean_relora.progress import Reporter
 from lean_relora.recipe import Recipe, RecipeError
-from lean_relora.relora import lora_parameters, merge_all, set_trainable, wrap_model
+from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, wrap_model
 from lean_relora.schedule import JaggedCosine
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def start_relora(run: Run) -> None:
     """Quantize the base, add LoRA factors, freeze what must not train, and build a fresh optimizer for the rest."""
     recipe = run.recipe
     run.optimizer = None  # free the full-rank optimizer state before quantizing
-    wrap_model(run.model, recipe.lora, keep_master=recipe.relora.fidelity == "master",
+    exact_base = recipe.lora.quant == "none" and recipe.model.dtype == "fp32"  # a master would only duplicate it
+    wrap_model(run.model, recipe.lora, keep_master=recipe.relora.fidelity == "master" and not exact_base,
                dtype=DTYPES[recipe.model.dtype], device=run.device, generator=run.generator)
     run.model.to(run.device)
     set_trainable(run.model, recipe.lora)
@@ -100,8 +101,9 @@ def start_relora(run: Run) -> None:
     run.optimizer = build_optimizer(run.model, recipe.optim, run.device)
 
 
-def restart(run: Run) -> float:
-    """Merge every layer's factors into its base, re-init them, partly reset their optimizer state. Returns seconds."""
+def restart(run: Run) -> dict:
+    """Merge every layer's factors into its base, re-init them, partly reset their optimizer state.
+    Returns the restart record: merge time and the cumulative retention of all merges so far (see RetentionProbe)."""
     start = time.perf_counter()
     merge_all(run.model, run.generator)
     relora = run.recipe.relora
@@ -109,7 +111,10 @@ def restart(run: Run) -> float:
     run.state.restarts += 1
     if run.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    terms = [layer.base.probe.terms() for layer in relora_layers(run.model)]
+    retention = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
+    return {"step": run.state.step, "restart": run.state.restarts, "merge_seconds": time.perf_counter() - start,
+            "retention": retention}
 
 
 def train_step(run: Run) -> float:
@@ -163,8 +168,7 @@ def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None) -> di
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
         elif schedule.is_restart(state.step):
-            seconds = restart(run)
-            reporter.line(f"step {state.step}: restart {state.restarts} (merged in {seconds:.2f} s)")
+            reporter.restart(restart(run))
         lr = recipe.optim.lr * schedule(state.step)
         set_lr(run.optimizer, lr)
         loss = train_step(run)

@@ -46,13 +46,6 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-class Silent:
-    def step(self, record, steps_to_restart): self.last = record
-    def eval(self, step, loss, tokens): pass
-    def line(self, text): pass
-    def close(self, summary): pass
-
-
 @pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
 def test_twenty_steps_with_two_restarts_reduce_the_loss(tmp_path, tokenizer_cache, quant):
     directory = run_dir(tmp_path, tokenizer_cache)
