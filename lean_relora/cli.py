@@ -94,6 +94,36 @@ def train(
         _fail(console, str(e))
 
 
+@app.command("memory-estimate")
+def memory_estimate(
+    recipe: RecipeArg = None,
+    set_: SetOpt = None,
+    gpu_gb: Annotated[float, typer.Option("--gpu-gb", help="GPU memory to check the recipe against, in GiB.")] = 24.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON instead of tables.")] = False,
+):
+    """Predict the peak GPU memory of a recipe (analytic and traced on fake tensors) and whether it fits."""
+    console = _setup_logging()
+    from lean_relora.memory import estimate, render
+    from lean_relora.recipe import RecipeError, load_recipe
+
+    try:
+        if gpu_gb <= 0:
+            raise UserError(f"--gpu-gb {gpu_gb:g}: must be > 0")
+        loaded = load_recipe(recipe, list(set_ or []))
+        result = estimate(loaded, gpu_gb)
+    except (RecipeError, UserError) as e:
+        _fail(console, str(e))
+    if as_json:
+        import dataclasses
+        import json
+
+        typer.echo(json.dumps(dataclasses.asdict(result) | {"need": result.need}, indent=1))
+        return
+    out = Console()
+    for renderable in render(result, loaded):
+        out.print(renderable)
+
+
 def main() -> None:
     app()
 

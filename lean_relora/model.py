@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from lean_relora.recipe import ModelConfig, RecipeError
 
@@ -44,7 +44,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_token_id: i
             raise RecipeError(f"data.tokenizer: vocabulary of {vocab_size} tokens exceeds the model's embedding "
                               f"({model.get_input_embeddings().num_embeddings}); use the model's own tokenizer")
     else:
-        model = LlamaForCausalLM(llama_config(cfg, vocab_size, eos_token_id)).to(dtype)
+        # Built in its dtype (not built in fp32 and cast): half the host memory, and it also works under FakeTensorMode.
+        model = AutoModelForCausalLM.from_config(llama_config(cfg, vocab_size, eos_token_id), dtype=dtype)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

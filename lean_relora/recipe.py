@@ -32,6 +32,7 @@ class ModelConfig:
     """The network: a local/hub pretrained model, or a LLaMA built from the sizes below."""
 
     pretrained: str = ""  # local directory or hub name; empty = build from the sizes below (random init)
+    vocab_size: int = 0  # embedding rows, in tokens; 0 = the tokenizer's size (set it to estimate memory offline)
     hidden_size: int = 256  # width of the residual stream, in features
     intermediate_size: int = 688  # MLP width, in features
     num_layers: int = 4  # decoder blocks
@@ -45,6 +46,8 @@ class ModelConfig:
     def __post_init__(self):
         _positive(self, "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position_embeddings")
         _choice(self, "dtype", DTYPES)
+        if self.vocab_size < 0:
+            raise _rule(self, "vocab_size", "must be >= 0 (0 = the tokenizer's size)")
         if self.hidden_size % self.num_heads:
             raise _rule(self, "hidden_size", "must be divisible by model.num_heads")
         if self.num_kv_heads < 0 or (self.num_kv_heads and self.num_heads % self.num_kv_heads):

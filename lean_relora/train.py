@@ -73,7 +73,11 @@ def setup(recipe: Recipe, run_dir: Path) -> Run:
         log.info("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
                  device.type)
     data, tokenizer = build_data(recipe.data, run_dir)
-    model = build_model(recipe.model, data.vocab_size, recipe.data.seq_len, tokenizer.eos_token_id)
+    vocab_size = recipe.model.vocab_size or data.vocab_size
+    if vocab_size < data.vocab_size:
+        raise RecipeError(f"model.vocab_size = {vocab_size}: smaller than the tokenizer's {data.vocab_size} tokens; "
+                          "set it to 0 or at least that")
+    model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id)
     schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
                             recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
                             recipe.relora.warm_start_steps)

@@ -1,0 +1,351 @@
+"""Peak GPU memory of a recipe, predicted before training, by two methods that check each other.
+
+traced: build the very model and optimizer that training builds, under FakeTensorMode (no memory is allocated), run
+    two real training steps on fake tensors and count live tensor bytes with `LiveBytes`; the second step is the
+    steady state (optimizer state exists, gradients accumulate). A 1.3B or 7B model traces on a CPU in seconds.
+analytic: the same quantities from formulas (below), broken down by component.
+
+Neither sees what lives outside torch's tensors: the CUDA context, cuBLAS workspaces and the caching allocator's
+fragmentation. They are added as a stated margin. bnb's paged optimizer state (cudaMallocManaged) is also invisible
+to torch on a GPU; here it is counted as GPU memory (it can spill to host RAM under pressure, slowly).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import bitsandbytes.functional as bnbf
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lean_relora.model import DTYPES, build_model
+from lean_relora.optim import build_optimizer
+from lean_relora.recipe import Recipe
+from lean_relora.relora import relora_layers, set_trainable, wrap_model
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace, typical for one process
+ALLOCATOR_RESERVE = 0.10  # share of the peak the caching allocator holds beyond live tensors (fragmentation)
+BNB_OPTIM_BLOCK = 256  # elements per absmax of bnb's 8-bit optimizer state
+BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit optimizer state in bnb
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live tensor bytes and their peak, counted per storage: every op output's storage is added once and removed
+    when Python frees it. Works on real and fake tensors. (torch's MemTracker does this too, plus per-module
+    bookkeeping that makes a fake 1.3B step about 15x slower.)"""
+
+    def __init__(self, *known: torch.Tensor):
+        super().__init__()
+        self.sizes = WeakIdKeyDictionary()
+        self.current = self.peak = 0
+        for tensor in known:
+            self._add(tensor)
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self.sizes:
+            return
+        nbytes = storage.nbytes()
+        self.sizes[storage] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, nbytes)
+
+    def _free(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._add(leaf)
+        return out
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor the model keeps on its device: parameters, buffers and the 4-bit quant states."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for layer in relora_layers(model):
+        if layer.base.quant_state is not None:
+            state = layer.base.quant_state
+            tensors += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code]
+    return tensors
+
+
+@dataclass
+class Trace:
+    peak: int  # bytes, peak live tensor bytes during a steady-state step
+    model: int  # bytes of parameters, buffers and quant states
+    optimizer: int  # bytes of optimizer state
+    micro_batch_size: int
+
+
+def run_step(model, optimizer, batches: list[torch.Tensor], autocast: bool) -> None:
+    """A training step as train.train_step does it: micro-batches, accumulated gradients, optimizer step."""
+    for ids in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+        (loss / len(batches)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def build_for_phase(recipe: Recipe, vocab_size: int, phase: str):
+    """The model and optimizer of a phase: "relora" (quantized base + LoRA) or "full" (dense, all trainable)."""
+    model = build_model(recipe.model, vocab_size, recipe.data.seq_len)
+    if phase == "relora":
+        # The fp32 master lives in host RAM, so it is left out here and counted as host memory.
+        wrap_model(model, recipe.lora, keep_master=False, dtype=DTYPES[recipe.model.dtype])
+        set_trainable(model, recipe.lora)
+    with unset_fake_temporarily():  # bnb builds its quantization maps with .tolist(), which fake tensors refuse
+        optimizer = build_optimizer(model, recipe.optim, torch.device("cpu"))
+    return model, optimizer
+
+
+def trace(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch_size: int | None = None,
+          autocast: bool | None = None, fake: bool = True) -> Trace:
+    """Peak live bytes of a steady-state training step. fake=False runs the same step for real (tests use that).
+
+    Steady state is set up without a first real step: zero gradients and one optimizer step create the optimizer
+    state; with gradient accumulation the gradients are then kept (zeroed), as the second and later micro-batches
+    find them; one micro-batch's forward, backward and optimizer step are then measured.
+    """
+    micro_batch_size = micro_batch_size or recipe.train.micro_batch_size
+    autocast = uses_autocast(recipe) if autocast is None else autocast
+    if fake:
+        bnbf.quantize_4bit(torch.zeros(64, 64), compress_statistics=True)  # bnb caches its dynamic map, for real
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+        torch.manual_seed(recipe.train.seed)
+        model, optimizer = build_for_phase(recipe, vocab_size, phase)
+        model.train()
+        ids = torch.randint(0, vocab_size, (micro_batch_size, recipe.data.seq_len))
+        tracker = LiveBytes(*model_tensors(model), ids)
+        with tracker:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=recipe.train.grad_accum_steps == 1)
+            tracker.reset_peak()
+            run_step(model, optimizer, [ids], autocast)
+        optimizer_bytes = sum(t.untyped_storage().nbytes() for state in optimizer.state.values()
+                              for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 256)
+        model_bytes = sum(t.untyped_storage().nbytes() for t in model_tensors(model))
+    return Trace(tracker.peak, model_bytes, optimizer_bytes, micro_batch_size)
+
+
+def uses_autocast(recipe: Recipe) -> bool:
+    """The estimate is for the GPU run: bf16 autocast unless the recipe turns it off or trains on the CPU."""
+    return recipe.train.autocast == "bf16" or (recipe.train.autocast == "auto" and recipe.train.device != "cpu")
+
+
+# ---- analytic model -------------------------------------------------------------------------------------------
+
+def target_shapes(recipe: Recipe, vocab_size: int) -> list[tuple[int, int]]:
+    """(out, in) of every Linear that ReLoRA wraps, from a meta-device model (no memory, no init)."""
+    with torch.device("meta"):
+        model = build_model(replace(recipe.model, gradient_checkpointing=False), vocab_size, recipe.data.seq_len)
+    from lean_relora.relora import is_target
+
+    return [tuple(m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and is_target(n, recipe.lora.targets)]
+
+
+def base_bytes(numel: int, rows: int, quant: str, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
+    """Exact device bytes of one stored base weight (bnb's layouts)."""
+    if quant in ("nf4", "fp4"):
+        blocks = math.ceil(numel / blocksize)
+        if not double_quant:
+            return math.ceil(numel / 2) + 4 * blocks + 4 * 16
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 16 + 4 * 256 + 4
+    if quant == "int8":
+        return numel + 4 * rows
+    return numel * dtype_bytes
+
+
+def adam_state_bytes(numel: int, optimizer: str, dtype_bytes: int) -> int:
+    if optimizer == "adamw":
+        return 2 * numel * dtype_bytes  # torch keeps exp_avg and exp_avg_sq in the parameter's dtype
+    if numel < BNB_MIN_8BIT:
+        return 8 * numel
+    return 2 * numel + 8 * math.ceil(numel / BNB_OPTIM_BLOCK)
+
+
+def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch_size: int | None = None,
+             autocast: bool | None = None) -> dict[str, int]:
+    """Peak device bytes by component, from the model's sizes.
+
+    Activations are what HF LLaMA saves for backward, in bytes per token and decoder layer, with a the activation
+    dtype's size (2 under bf16 autocast) and kv the key/value width:
+        two RMSNorms 2 (4h + 2ah)   fp32 input copy, normalized and weighted outputs
+        attention    a (3h + 2kv)   rotated q and k, v, attention output and its contiguous copy (minus the norm's)
+        MLP          4af            gate, SiLU(gate), up, their product
+        LoRA         7ar            the r-wide middle of each of the 7 targets
+    With gradient checkpointing only each block's input (h, in the model's dtype) is kept, plus one block while it
+    is recomputed, which happens once the loss buffers are freed. The loss keeps fp32 log-probabilities and, in backward, their gradient and the logits' (4 + 4 + 4
+    bytes per vocabulary entry and token, plus the bf16 logits under autocast). The peak is taken at the start of
+    backward: all activations, the loss buffers, and the gradients that exist then (all of them from the second
+    micro-batch of an accumulated step on, else lm_head's, which backward computes first).
+    """
+    m, lora = recipe.model, recipe.lora
+    b = micro_batch_size or recipe.train.micro_batch_size
+    tokens, h, f, r, layers = b * recipe.data.seq_len, m.hidden_size, m.intermediate_size, lora.rank, m.num_layers
+    kv = h * (m.num_kv_heads or m.num_heads) // m.num_heads
+    w = 2 if m.dtype == "bf16" else 4  # bytes of a stored weight
+    a = 2 if (uses_autocast(recipe) if autocast is None else autocast) else w  # bytes of an activation
+    shapes = target_shapes(recipe, vocab_size)
+    relora = phase == "relora"
+    head = vocab_size * h
+    norms = (2 * layers + 1) * h
+    embeddings = head * (1 if m.tie_embeddings else 2)
+    if relora:
+        full_rank = embeddings * lora.train_embeddings + norms * lora.train_norms
+        if not lora.train_lm_head and not m.tie_embeddings:
+            full_rank -= head
+        trainable = [full_rank] + [r * (o + i) for o, i in shapes]
+    else:
+        full_rank = embeddings + norms
+        trainable = [full_rank] + [o * i for o, i in shapes]
+    accumulating = recipe.train.grad_accum_steps > 1
+    lm_head_trains = not relora or lora.train_lm_head or (m.tie_embeddings and lora.train_embeddings)
+    out = {
+        "frozen base (stored)": sum(base_bytes(o * i, o, lora.quant, lora.blocksize, lora.double_quant, w)
+                                    for o, i in shapes) if relora else 0,
+        "frozen full-rank weights": (embeddings + norms - full_rank) * w,
+        "trainable weights": sum(trainable) * w,
+        "gradients at peak": (sum(trainable) if accumulating else head * lm_head_trains) * w,
+        "optimizer state": sum(adam_state_bytes(n, recipe.optim.name, w) for n in trainable),
+    }
+    per_layer = 2 * (4 * h + 2 * a * h) + a * (3 * h + 2 * kv) + 4 * a * f + 7 * a * r * relora
+    loss_buffers = tokens * vocab_size * (12 + (a if a != 4 else 0))
+    if m.gradient_checkpointing:
+        # The last block is recomputed after the loss buffers are freed: only what it needs beyond them counts.
+        out["activations"] = tokens * layers * w * h + max(0, tokens * per_layer - loss_buffers)
+    else:
+        out["activations"] = tokens * layers * per_layer
+    out["logits and loss"] = loss_buffers
+    out["dequantization transient"] = max(o * i for o, i in shapes) * a if relora and lora.quant != "none" else 0
+    return out
+
+
+# ---- the estimate a user sees ---------------------------------------------------------------------------------
+
+def gpu_need(peak: float) -> float:
+    """Bytes a GPU must have free for a peak of live tensor bytes: allocator reserve and CUDA context added."""
+    return peak * (1 + ALLOCATOR_RESERVE) + CUDA_CONTEXT_BYTES
+
+
+@dataclass
+class PhaseEstimate:
+    name: str
+    components: dict[str, int]  # analytic, bytes
+    traced: Trace
+
+    @property
+    def analytic_peak(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def need(self) -> float:
+        return gpu_need(self.traced.peak)
+
+
+@dataclass
+class Estimate:
+    phases: list[PhaseEstimate]  # those the recipe runs, then the full-rank bf16 AdamW baseline
+    host: dict[str, int]  # bytes of host RAM beside the GPU
+    gpu_bytes: float
+    largest_micro_batch: int  # ReLoRA phase, 0 = not even 1 fits
+
+    @property
+    def need(self) -> float:
+        return max(p.need for p in self.phases if not p.name.startswith("baseline"))
+
+
+def recipe_vocab_size(recipe: Recipe) -> int:
+    from lean_relora.recipe import RecipeError
+
+    if recipe.model.vocab_size:
+        return recipe.model.vocab_size
+    if recipe.data.tokenizer == "bpe":
+        return recipe.data.bpe_vocab_size
+    raise RecipeError(f"model.vocab_size = 0: the size of tokenizer {recipe.data.tokenizer!r} is unknown before "
+                      "loading it; set model.vocab_size (e.g. --set model.vocab_size=32000)")
+
+
+def estimate(recipe: Recipe, gpu_gb: float = 24.0) -> Estimate:
+    vocab = recipe_vocab_size(recipe)
+    phases = [PhaseEstimate("ReLoRA", analytic(recipe, vocab), trace(recipe, vocab))]
+    if recipe.relora.warm_start_steps:
+        phases.append(PhaseEstimate("full-rank warm start", analytic(recipe, vocab, "full"),
+                                    trace(recipe, vocab, "full")))
+    baseline = replace(recipe, optim=replace(recipe.optim, name="adamw"), model=replace(recipe.model, dtype="bf16"))
+    phases.append(PhaseEstimate("baseline: full-rank bf16 AdamW", analytic(baseline, vocab, "full"),
+                                trace(baseline, vocab, "full")))
+    shapes = target_shapes(recipe, vocab)
+    params = sum(o * i for o, i in shapes) + (2 * recipe.model.num_layers + 1 + 2 * vocab) * recipe.model.hidden_size
+    host = {"dense model while loading": params * (2 if recipe.model.dtype == "bf16" else 4)}
+    if recipe.relora.fidelity == "master" and not (recipe.lora.quant == "none" and recipe.model.dtype == "fp32"):
+        host["fp32 master of the base (fidelity = master)"] = 4 * sum(o * i for o, i in shapes)
+    run_phases = [(p, "relora" if p.name == "ReLoRA" else "full") for p in phases[:-1]]
+    fit = min(largest_micro_batch(recipe, vocab, p, kind, gpu_gb * GIB) for p, kind in run_phases)
+    return Estimate(phases, host, gpu_gb * GIB, fit)
+
+
+def largest_micro_batch(recipe: Recipe, vocab: int, estimate: PhaseEstimate, phase: str, gpu_bytes: float) -> int:
+    """The analytic peak is affine in the micro-batch; scaled to agree with the trace at the recipe's size."""
+    one, two = (sum(analytic(recipe, vocab, phase, micro_batch_size=b).values()) for b in (1, 2))
+    calibration = estimate.traced.peak / estimate.analytic_peak
+    per_sequence = (two - one) * calibration
+    fixed = one * calibration - per_sequence
+    return max(0, int((((gpu_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_RESERVE)) - fixed) // per_sequence))
+
+
+def render(estimate: Estimate, recipe: Recipe):
+    """Rich tables: GPU memory by component and phase, host memory, and the verdict line."""
+    from rich.table import Table
+
+    gib = lambda n: f"{n / GIB:,.2f}"  # noqa: E731
+    table = Table(title=f"Peak GPU memory (GiB), micro-batch {recipe.train.micro_batch_size} x "
+                        f"{recipe.data.seq_len} tokens", title_justify="left")
+    table.add_column("component")
+    for phase in estimate.phases:
+        table.add_column(phase.name, justify="right")
+    for key in estimate.phases[0].components:
+        table.add_row(key, *(gib(p.components.get(key, 0)) for p in estimate.phases))
+    table.add_section()
+    table.add_row("analytic peak", *(gib(p.analytic_peak) for p in estimate.phases))
+    table.add_row("traced peak (fake-tensor step)", *(gib(p.traced.peak) for p in estimate.phases))
+    table.add_row(f"allocator reserve ({ALLOCATOR_RESERVE:.0%} of traced)",
+                  *(gib(ALLOCATOR_RESERVE * p.traced.peak) for p in estimate.phases))
+    table.add_row("CUDA context (typical)", *(gib(CUDA_CONTEXT_BYTES) for _ in estimate.phases))
+    table.add_row("[bold]GPU need", *(f"[bold]{gib(p.need)}" for p in estimate.phases))
+    host = Table(title="Host RAM beside the GPU (GiB)", title_justify="left")
+    host.add_column("what")
+    host.add_column("GiB", justify="right")
+    for key, value in estimate.host.items():
+        host.add_row(key, gib(value))
+    return table, host, verdict(estimate, recipe)
+
+
+def verdict(estimate: Estimate, recipe: Recipe) -> str:
+    need, have = estimate.need / GIB, estimate.gpu_bytes / GIB
+    fit = estimate.largest_micro_batch
+    if need <= have:
+        return (f"fits: needs {need:.1f} GiB of {have:g} GiB; the largest micro-batch that fits is {fit} "
+                f"(train.micro_batch_size = {recipe.train.micro_batch_size})")
+    advice = f"set train.micro_batch_size = {fit} (raise grad_accum_steps to keep the batch)" if fit else (
+        "not even micro-batch 1 fits: enable model.gradient_checkpointing, lower data.seq_len or lora.rank")
+    return f"does not fit: needs {need:.1f} GiB, the GPU has {have:g} GiB; {advice}"
