@@ -194,7 +194,7 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         MLP          4af            gate, SiLU(gate), up, their product
         LoRA         7ar            the r-wide middle of each of the 7 targets
     With gradient checkpointing only each block's input (h, in the model's dtype) is kept, plus one block while it
-    is recomputed, which happens once the loss buffers are freed. The loss keeps fp32 log-probabilities and, in backward, their gradient and the logits' (4 + 4 + 4
+    is recomputed and back-propagated, which happens once the loss buffers are freed. The loss keeps fp32 log-probabilities and, in backward, their gradient and the logits' (4 + 4 + 4
     bytes per vocabulary entry and token, plus the bf16 logits under autocast). The peak is taken at the start of
     backward: all activations, the loss buffers, and the gradients that exist then (all of them from the second
     micro-batch of an accumulated step on, else lm_head's, which backward computes first).
@@ -231,8 +231,10 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
     per_layer = 2 * (4 * h + 2 * a * h) + a * (3 * h + 2 * kv) + 4 * a * f + 7 * a * r * relora
     loss_buffers = tokens * vocab_size * (12 + (a if a != 4 else 0))
     if m.gradient_checkpointing:
-        # The last block is recomputed after the loss buffers are freed: only what it needs beyond them counts.
-        out["activations"] = tokens * layers * w * h + max(0, tokens * per_layer - loss_buffers)
+        # The last block is recomputed after the loss buffers are freed: only what it needs beyond them counts,
+        # its saved tensors plus the gradients its backward holds at once (about two of width f and two of h).
+        recompute = tokens * (per_layer + 2 * a * (f + h))
+        out["activations"] = tokens * layers * w * h + max(0, recompute - loss_buffers)
     else:
         out["activations"] = tokens * layers * per_layer
     out["logits and loss"] = loss_buffers
@@ -305,12 +307,13 @@ def estimate(recipe: Recipe, gpu_gb: float = 24.0) -> Estimate:
 
 
 def largest_micro_batch(recipe: Recipe, vocab: int, estimate: PhaseEstimate, phase: str, gpu_bytes: float) -> int:
-    """The analytic peak is affine in the micro-batch; scaled to agree with the trace at the recipe's size."""
+    """Peak memory is affine in the micro-batch: the analytic model gives the part that does not grow with it, the
+    trace at the recipe's micro-batch fixes the growth per sequence."""
     one, two = (sum(analytic(recipe, vocab, phase, micro_batch_size=b).values()) for b in (1, 2))
-    calibration = estimate.traced.peak / estimate.analytic_peak
-    per_sequence = (two - one) * calibration
-    fixed = one * calibration - per_sequence
-    return max(0, int((((gpu_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_RESERVE)) - fixed) // per_sequence))
+    fixed = 2 * one - two
+    per_sequence = (estimate.traced.peak - fixed) / estimate.traced.micro_batch_size
+    budget = (gpu_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_RESERVE)
+    return max(0, int((budget - fixed) // per_sequence))
 
 
 def render(estimate: Estimate, recipe: Recipe):
@@ -349,3 +352,13 @@ def verdict(estimate: Estimate, recipe: Recipe) -> str:
     advice = f"set train.micro_batch_size = {fit} (raise grad_accum_steps to keep the batch)" if fit else (
         "not even micro-batch 1 fits: enable model.gradient_checkpointing, lower data.seq_len or lora.rank")
     return f"does not fit: needs {need:.1f} GiB, the GPU has {have:g} GiB; {advice}"
+
+
+def refusal(recipe: Recipe, free_bytes: float) -> str | None:
+    """Why `train` should not start on a GPU with `free_bytes` free, or None when the recipe fits."""
+    result = estimate(recipe, free_bytes / GIB)
+    if result.need <= free_bytes:
+        return None
+    return (f"the recipe needs about {result.need / GIB:.1f} GiB of GPU memory, {free_bytes / GIB:.1f} GiB are free "
+            f"(lean-relora memory-estimate shows the breakdown); {verdict(result, recipe).split('; ', 1)[1]}, "
+            "or pass --force to start anyway")
