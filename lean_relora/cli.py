@@ -52,9 +52,9 @@ def _setup_logging() -> Console:
     return console
 
 
-def _fail(console: Console, message: str) -> None:
+def _fail(console: Console, message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def new_run_dir(recipe_path: Optional[Path], root: Path = Path("runs")) -> Path:
@@ -73,25 +73,42 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(
         "--max-steps", help="Stop after this many optimizer steps (overrides train.max_steps).",
         show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue a run from 'auto' (the newest intact checkpoint of --run-dir), a checkpoint or a "
+        "run directory; without RECIPE the checkpoint's own recipe is used.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --resume: accept recipe changes that alter the run (model, data, LoRA, optimizer...).")
+    ] = False,
 ):
     """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl."""
     console = _setup_logging()
+    from lean_relora.checkpoint import RECIPE, CheckpointError, CheckpointSaveError, resolve
     from lean_relora.data import DataError
     from lean_relora.recipe import RecipeError, load_recipe
+    from lean_relora.train import TrainingDiverged
     from lean_relora.train import train as run_training
 
     overrides = list(set_ or []) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     try:
         if max_steps is not None and max_steps < 1:
             raise UserError(f"--max-steps {max_steps}: must be >= 1")
-        loaded = load_recipe(recipe, overrides)
-        run_dir = run_dir or new_run_dir(recipe)
-        if (run_dir / "metrics.jsonl").exists():
-            raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory")
+        if resume is not None:
+            # Only to find the recipe and run dir; train() picks and verifies the checkpoint (checksums) itself.
+            found, _ = resolve(resume, run_dir, checksums=False)
+            run_dir = run_dir or found.parent.parent
+            loaded = load_recipe(recipe or found / RECIPE, overrides)
+        else:
+            loaded = load_recipe(recipe, overrides)
+            run_dir = run_dir or new_run_dir(recipe)
+            if (run_dir / "metrics.jsonl").exists():
+                raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
+                                "or continue it with --resume auto")
         console.print(f"run dir: {run_dir}", highlight=False)
-        run_training(loaded, run_dir)
-    except (RecipeError, DataError, UserError) as e:
+        run_training(loaded, run_dir, resume=resume, force=force)
+    except (RecipeError, DataError, UserError, CheckpointError) as e:
         _fail(console, str(e))
+    except (CheckpointSaveError, TrainingDiverged) as e:  # not bad input: the run itself failed
+        _fail(console, str(e), code=1)
 
 
 @app.command("memory-estimate")
@@ -122,6 +139,61 @@ def memory_estimate(
     out = Console()
     for renderable in render(result, loaded):
         out.print(renderable)
+
+
+SourceArg = Annotated[Path, typer.Argument(
+    metavar="RUN_OR_CHECKPOINT", help="A run directory (its newest intact checkpoint) or one checkpoint directory.",
+    show_default=False)]
+
+
+@app.command("export")
+def export_(
+    source: SourceArg,
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="New directory for the Hugging Face model.",
+                                            show_default=False)],
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype of the export: bf16, fp16 or fp32.")] = "bf16",
+):
+    """Merge the LoRA factors into the full-precision weights and write a standard Hugging Face model directory."""
+    console = _setup_logging()
+    from transformers.utils import logging as hf_logging
+
+    from lean_relora.checkpoint import CheckpointError
+    from lean_relora.export import ExportError, export_model
+    from lean_relora.recipe import RecipeError
+
+    hf_logging.disable_progress_bar()  # a tiny model's "Writing model shards" bar flashes by
+    try:
+        trained = export_model(source, out_dir, dtype)
+    except (CheckpointError, ExportError, RecipeError, OSError) as e:
+        _fail(console, str(e))
+    for problem in trained.problems:
+        console.print(f"warning: skipped damaged checkpoint: {problem}", highlight=False, soft_wrap=True)
+    console.print(f"exported {trained.path} to {out_dir} ({dtype}); load it with "
+                  "transformers.AutoModelForCausalLM.from_pretrained", highlight=False, soft_wrap=True)
+
+
+@app.command("eval")
+def eval_(
+    source: SourceArg,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Evaluate on the held-out split of this data.source instead of the run's (same rules).",
+        show_default=False)] = None,
+):
+    """Print the loss and perplexity of a checkpoint on the eval split."""
+    console = _setup_logging()
+    from lean_relora.checkpoint import CheckpointError
+    from lean_relora.data import DataError
+    from lean_relora.export import ExportError, evaluate_checkpoint
+    from lean_relora.recipe import RecipeError
+
+    try:
+        result = evaluate_checkpoint(source, data)
+    except (CheckpointError, ExportError, RecipeError, DataError) as e:
+        _fail(console, str(e))
+    for problem in result["problems"]:
+        console.print(f"warning: skipped damaged checkpoint: {problem}", highlight=False, soft_wrap=True)
+    typer.echo(f"{result['checkpoint']} (step {result['step']}): eval loss {result['eval_loss']:.4f}, "
+               f"perplexity {result['eval_ppl']:.2f} on {result['tokens']:,} tokens")
 
 
 def main() -> None:

@@ -358,3 +358,12 @@ def build_data(cfg: DataConfig, cache_dir: Path) -> tuple[PackedData, PreTrained
     if streaming:
         return StreamingPackedData(train_docs, tok, eval_blocks, cfg), tok
     return PackedData(train_blocks, eval_blocks, cfg.shuffle_seed, len(tok)), tok
+
+
+def build_eval_data(cfg: DataConfig, tok) -> PackedData:
+    """Eval blocks only: cfg's held-out documents, packed with a trained run's tokenizer (never retrained here)."""
+    _, eval_docs = load_documents(cfg)
+    eval_blocks, n_eval = _pack(eval_docs, tok, cfg.seq_len)
+    if len(eval_blocks) == 0:
+        raise _too_small(cfg, "eval", n_eval, streaming=cfg.source.startswith("hub:"))
+    return PackedData(None, eval_blocks, cfg.shuffle_seed, len(tok))

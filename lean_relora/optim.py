@@ -111,3 +111,47 @@ def _prune(values: torch.Tensor, mode: str, ratio: float, generator: torch.Gener
         return values * keep
     raise ValueError(f"unknown reset mode {mode!r}")
 
+
+
+PAGED_KEYS = ("state1", "state2")  # the buffers a paged bnb optimizer allocates in CUDA unified memory
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The per-parameter state in param_groups order: tensors as "<index>.<key>" copied to ordinary CPU memory (paged
+    bnb state included; 8-bit codes, absmax and qmaps as they are), and per parameter its shape and scalar state."""
+    tensors, params = {}, []
+    for i, p in enumerate(_params(optimizer)):
+        scalars = {}
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i}.{key}"] = value.detach().to("cpu", copy=True)
+            else:
+                scalars[key] = value
+        params.append({"shape": list(p.shape), "scalars": scalars})
+    return tensors, params
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         params: list[dict]) -> None:
+    """The inverse of optimizer_state, into a freshly built optimizer over the same parameters. Dtypes are kept as
+    saved (torch's load_state_dict would cast bnb's fp32 state of small bf16 parameters to bf16), and state that bnb
+    pages is allocated paged again. The param groups' hyper-parameters stay those of the recipe."""
+    own = _params(optimizer)
+    if [list(p.shape) for p in own] != [d["shape"] for d in params]:
+        raise ValueError(f"the optimizer holds {len(own)} parameters with other shapes than the saved {len(params)}")
+    grouped: dict[int, dict] = {i: dict(d["scalars"]) for i, d in enumerate(params)}
+    for name, value in tensors.items():
+        index, _, key = name.partition(".")
+        p = own[int(index)]
+        if getattr(optimizer, "is_paged", False) and key in PAGED_KEYS and p.device.type == "cuda":
+            buffer = optimizer.get_state_buffer(p, dtype=value.dtype)  # paged where bnb would page it
+            buffer.copy_(value)
+            value = buffer
+        grouped[int(index)][key] = value if getattr(value, "is_paged", False) else value.to(p.device)
+    for i, state in grouped.items():
+        if state:
+            optimizer.state[own[i]] = state
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]

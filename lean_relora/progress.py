@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, track
 from rich.table import Table
 
 
@@ -53,7 +53,19 @@ class Reporter:
                   f"cumulative retention {record['retention']:.3f})")
 
     def line(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)  # unbroken: paths and commands stay copyable
+
+    def track(self, items, description: str):
+        """Iterate over `items` (a sized iterable) with a bar of its own on a terminal, a line elsewhere."""
+        if self.progress is None:
+            self.line(f"{description}: {len(items):,} items")
+            yield from items
+            return
+        self.progress.stop()  # rich shows one live display at a time
+        try:
+            yield from track(items, description=description, console=self.console, transient=True)
+        finally:
+            self.progress.start()
 
     def close(self, summary: dict) -> None:
         if self.progress is not None:

@@ -119,6 +119,28 @@ class FrozenBase(nn.Module):
             tensors += _quant_state_tensors(self.quant_state)
         return tensors + ([self.master] if self.master is not None else [])
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs beside the buffers: the bnb quant state (packed, as bnb serializes it for
+        safetensors), the fp32 master and the retention probe, as name -> tensor."""
+        tensors = {f"probe.{k}": getattr(self.probe, k) for k in RetentionProbe.TENSORS}
+        if self.quant_state is not None:
+            tensors.update({f"quant_state.{k}": v for k, v in self.quant_state.as_dict(packed=True).items()})
+        if self.master is not None:
+            tensors["master"] = self.master
+        return tensors
+
+    @torch.no_grad()
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of extra_state, after the buffers are loaded. A checkpoint without a master (saved with
+        relora.fidelity = naive) starts one from the stored weight; a master this base does not keep is dropped."""
+        for k in RetentionProbe.TENSORS:
+            setattr(self.probe, k, tensors[f"probe.{k}"].clone())
+        quant = {k[len("quant_state."):]: v for k, v in tensors.items() if k.startswith("quant_state.")}
+        if quant:
+            self.quant_state = bnbf.QuantState.from_dict(quant, device=self.device)
+        if self.master is not None:
+            self.master.copy_(tensors["master"] if "master" in tensors else self.dequantize().cpu())
+
     def _set_buffer(self, name: str, value: torch.Tensor) -> None:
         if name in self._buffers:
             self._buffers[name] = value
@@ -153,6 +175,8 @@ class RetentionProbe:
     needs W_0 and D in full (two dense copies per layer); a fixed random sample of `size` entries estimates it for a
     few KB per layer.
     """
+
+    TENSORS = ("rows", "cols", "start", "now", "merged")  # its whole state, for checkpoints
 
     def __init__(self, weight: torch.Tensor, size: int = 4096, seed: int = 0):
         size = max(1, min(size, weight.numel() // 8))

@@ -21,6 +21,9 @@ OPTIMIZERS = ("paged_adamw8bit", "adamw8bit", "adamw")
 RESETS = ("magnitude", "random", "zero")
 FIDELITIES = ("master", "naive")
 DTYPES = ("bf16", "fp32")
+# Fields a resumed run may change: how long, where and how much is reported, not what is trained.
+RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "eval.every", "eval.batches", "log.every",
+               "checkpoint.every", "checkpoint.keep_last", "checkpoint.max_bad_steps")
 
 
 class RecipeError(ValueError):
@@ -195,6 +198,22 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When the whole training state is saved to RUN_DIR/checkpoints, and when a diverging run gives up."""
+
+    every: int = 100  # steps between checkpoints; 0 = only at the end and when SIGINT/SIGTERM stops the run
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted only after a newer one is complete
+    max_bad_steps: int = 5  # steps in a row with a NaN/inf loss or gradient that are skipped (no update); one more stops the run with a checkpoint
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise _rule(self, "every", "must be >= 0")
+        _positive(self, "keep_last")
+        if self.max_bad_steps < 0:
+            raise _rule(self, "max_bad_steps", "must be >= 0")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -204,6 +223,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_position_embeddings and not self.model.pretrained:
@@ -221,6 +241,35 @@ class Recipe:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def changes(self, new: Recipe) -> tuple[list[str], list[str]]:
+        """Every field that differs in `new`, as "section.key (old -> new)", split into (those that change what is
+        trained, those in RESUME_SAFE): a resumed run refuses the first kind unless forced."""
+        refused, allowed, new_dict = [], [], new.to_dict()
+        for section, table in self.to_dict().items():
+            for key, old in table.items():
+                if new_dict[section][key] != old:
+                    name = f"{section}.{key}"
+                    change = f"{name} ({old!r} -> {new_dict[section][key]!r})"
+                    (allowed if name in RESUME_SAFE else refused).append(change)
+        return refused, allowed
+
+    def to_toml(self) -> str:
+        """The recipe as TOML that load_recipe reads back into an equal Recipe (checkpoints keep this copy)."""
+        lines = []
+        for section, table in self.to_dict().items():
+            lines += [f"[{section}]", *(f"{key} = {_toml_value(value)}" for key, value in table.items()), ""]
+        return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # repr of a float is valid TOML, inf and nan included
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # a JSON string is a TOML basic string
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Recipe)

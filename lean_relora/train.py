@@ -7,6 +7,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lean_relora import checkpoint
 from lean_relora.data import PackedData, build_data
 from lean_relora.model import DTYPES, build_model
 from lean_relora.optim import build_optimizer, reset_state, set_lr
@@ -35,6 +40,40 @@ class TrainState:
     tokens: int = 0  # tokens trained on
     micro_batches: int = 0  # micro-batches consumed
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every evaluation
+    skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (counted in `step`, no update made)
+    bad_steps: int = 0  # of those, how many in a row up to now
+
+
+class TrainingDiverged(RuntimeError):
+    """More than checkpoint.max_bad_steps steps in a row had a NaN/inf loss or gradient."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM while armed: the loop finishes its step, saves a checkpoint and returns. A second signal aborts
+    at once. The previous handlers come back when the `with` block ends."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def arm(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        os.write(2, f"{self.signal}: finishing this step, then saving a checkpoint (again to abort)\n".encode())
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -135,13 +174,20 @@ def train_step(run: Run) -> float:
         total += loss.detach()
         state.micro_batches += 1
         state.tokens += ids.numel()
-    if recipe.optim.grad_clip > 0:
-        params = [p for group in run.optimizer.param_groups for p in group["params"]]
-        nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
-    run.optimizer.step()
+    loss = total.item() / recipe.train.grad_accum_steps
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    # The norm is taken even without clipping (an infinite max_norm scales by exactly 1): a finite loss can still
+    # give an inf gradient, and one such update would leave NaN weights behind.
+    norm = nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip or math.inf)
+    if math.isfinite(loss) and math.isfinite(norm):
+        run.optimizer.step()
+        state.bad_steps = 0
+    else:  # skip: no update, moments untouched; the step and its micro-batches are spent
+        state.skipped += 1
+        state.bad_steps += 1
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return total.item() / recipe.train.grad_accum_steps
+    return loss
 
 
 @torch.no_grad()
@@ -157,16 +203,30 @@ def evaluate(run: Run) -> float:
     return sum(losses) / len(losses)
 
 
-def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None) -> dict:
-    """Run the recipe to `train.max_steps`; metrics go to run_dir/metrics.jsonl. Returns the summary."""
-    run_dir = Path(run_dir)
+def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None, resume: str | Path | None = None,
+          force: bool = False) -> dict:
+    """Run the recipe to `train.max_steps`; metrics go to run_dir/metrics.jsonl. Returns the summary.
+
+    Checkpoints go to run_dir/checkpoints every `checkpoint.every` steps, at the end, and when SIGINT/SIGTERM stops
+    the run (after the current step; the summary then has "stopped by"). `resume`: "auto" (the newest intact
+    checkpoint of run_dir), a checkpoint or a run directory; `force` accepts recipe changes that alter the run."""
+    with StopRequest() as stop:
+        return _train(recipe, Path(run_dir), reporter, resume, force, stop)
+
+
+def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, force: bool, stop: StopRequest) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
+    found = _check_resume(recipe, run_dir, resume, force) if resume is not None else None
     run = setup(recipe, run_dir)
     reporter = reporter or Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps)
+    saved_step = _resume(run, *found, reporter) if found is not None else None
     state, schedule = run.state, run.schedule
-    _eval(run, reporter)
+    if resume is None:
+        _eval(run, reporter)
     window_start, window_tokens = time.perf_counter(), state.tokens
+    stop.arm()
     while state.step < recipe.train.max_steps:
         if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
             start_relora(run)
@@ -176,21 +236,79 @@ def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None) -> di
         lr = recipe.optim.lr * schedule(state.step)
         set_lr(run.optimizer, lr)
         loss = train_step(run)
+        if state.bad_steps:
+            limit = recipe.checkpoint.max_bad_steps
+            reporter.line(f"step {state.step}: loss {loss} or its gradient is not finite; step skipped "
+                          f"({state.bad_steps} in a row, checkpoint.max_bad_steps = {limit})")
+            if state.bad_steps > limit:
+                path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
+                raise TrainingDiverged(
+                    f"step {state.step}: {state.bad_steps} steps in a row had a NaN/inf loss or gradient "
+                    f"(checkpoint.max_bad_steps = {limit}); the weights and optimizer state of the last good step are "
+                    f"saved in {path}; lower optim.lr (needs --force) or raise the limit, then --resume auto")
         if state.step % recipe.log.every == 0 or state.step == recipe.train.max_steps:
             now = time.perf_counter()
             speed = (state.tokens - window_tokens) / max(now - window_start, 1e-9)
             window_start, window_tokens = now, state.tokens
             reporter.step({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
                            "tokens_per_s": speed, "restarts": state.restarts}, schedule.steps_to_restart(state.step))
+        if stop.signal:
+            break
         if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < recipe.train.max_steps:
             _eval(run, reporter)
-    _eval(run, reporter)
+        every = recipe.checkpoint.every
+        if every and state.step % every == 0 and state.step < recipe.train.max_steps:
+            checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
+            saved_step = state.step
+    if saved_step != state.step:
+        path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
+        reporter.line(f"step {state.step}: checkpoint {path}")
+    if stop.signal:
+        reporter.line(f"{stop.signal}: stopped after step {state.step} of {recipe.train.max_steps}; continue with: "
+                      f"lean-relora train --run-dir {run_dir} --resume auto")
+    else:
+        _eval(run, reporter)
     (first_step, first), (_, last) = state.eval_losses[0], state.eval_losses[-1]
     summary = {"steps": state.step, "restarts": state.restarts, "tokens": state.tokens,
                "first eval loss": first, "last eval loss": last, "seconds": time.perf_counter() - started,
                "run dir": str(run_dir)}
+    if state.skipped:
+        summary["skipped steps"] = state.skipped
+    if stop.signal:
+        summary["stopped by"] = stop.signal
     reporter.close(summary)
     return summary
+
+
+def _check_resume(recipe: Recipe, run_dir: Path, resume: str | Path, force: bool) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from and the lines to report; CheckpointError if it is missing or damaged, or if
+    the recipe changes fields that alter the run and `force` is off."""
+    path, problems = checkpoint.resolve(resume, run_dir)
+    lines = [f"skipped damaged checkpoint: {problem}" for problem in problems]
+    refused, allowed = checkpoint.saved_recipe(path).changes(recipe)
+    if refused and not force:
+        raise checkpoint.CheckpointError(
+            f"{path}: the recipe differs from the checkpoint's in {', '.join(refused)}; these change the run: resume "
+            "with the checkpoint's recipe (omit RECIPE) or pass --force")
+    if refused or allowed:
+        lines.append(f"resuming with changed {', '.join(refused + allowed)}" + (" (forced)" if refused else ""))
+    return path, lines
+
+
+def _resume(run: Run, path: Path, lines: list[str], reporter: Reporter) -> int:
+    """Load the checkpoint into the freshly set-up run; returns its step."""
+    for line in lines:
+        reporter.line(line)
+    if checkpoint.read_state(path)["relora"] and not relora_layers(run.model):
+        start_relora(run)  # the checkpoint is past the warm start
+    checkpoint.restore(run, path)
+    state = run.state
+    state.bad_steps = 0  # a resumed run gets the full allowance of skipped steps again
+    reporter.line(f"resumed from {path} at step {state.step} ({state.restarts} restarts, {state.tokens:,} tokens)")
+    if run.data.num_train_blocks is None and state.micro_batches:  # a stream cannot seek: replay what was consumed
+        for index in reporter.track(range(state.micro_batches), "replaying the stream up to the checkpoint"):
+            run.data.train_batch(index, run.recipe.train.micro_batch_size)
+    return state.step
 
 
 def _eval(run: Run, reporter: Reporter) -> None:

@@ -93,3 +93,12 @@ def test_readme_documents_every_recipe_key_and_ci_runs_its_test_command():
             assert f"| `{key}` |" in readme, f"README lacks {section}.{key}"
     test_command = next(line for line in readme.splitlines() if "pytest" in line and line.startswith("python3"))
     assert test_command in root.joinpath(".ci", "run").read_text().splitlines()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_to_toml_reads_back_into_an_equal_recipe(path, tmp_path):
+    recipe = load_recipe(path)
+    recipe.data.source = 'odd "quoted"\tünïcode\\path\x7f\U0001F600'
+    copy = tmp_path / "copy.toml"
+    copy.write_text(recipe.to_toml(), encoding="utf-8")
+    assert load_recipe(copy) == recipe
