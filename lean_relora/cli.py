@@ -77,8 +77,8 @@ def train(
         "--resume", help="Continue a run from 'auto' (the newest intact checkpoint of --run-dir), a checkpoint or a "
         "run directory; without RECIPE the checkpoint's own recipe is used.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(
-        "--force", help="With --resume: accept recipe changes that alter the run (model, data, LoRA, optimizer...).")
-    ] = False,
+        "--force", help="Start even if the memory estimate exceeds the free GPU memory; with --resume, accept recipe "
+        "changes that alter the run (model, data, LoRA, optimizer...).")] = False,
 ):
     """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl."""
     console = _setup_logging()
@@ -103,12 +103,37 @@ def train(
             if (run_dir / "metrics.jsonl").exists():
                 raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
                                 "or continue it with --resume auto")
+        if not force:
+            _refuse_if_it_does_not_fit(loaded)
         console.print(f"run dir: {run_dir}", highlight=False)
         run_training(loaded, run_dir, resume=resume, force=force)
     except (RecipeError, DataError, UserError, CheckpointError) as e:
         _fail(console, str(e))
     except (CheckpointSaveError, TrainingDiverged) as e:  # not bad input: the run itself failed
         _fail(console, str(e), code=1)
+
+
+def _refuse_if_it_does_not_fit(recipe) -> None:
+    """On a CUDA device, estimate the peak first and refuse a recipe that would not fit the free memory."""
+    import torch
+
+    from lean_relora.train import resolve_device
+
+    device = resolve_device(recipe.train.device)
+    if device.type != "cuda":
+        return
+    from lean_relora.memory import recipe_vocab_size, refusal
+    from lean_relora.recipe import RecipeError
+
+    try:
+        recipe_vocab_size(recipe)
+    except RecipeError:
+        logging.getLogger(__name__).info("memory check skipped: set model.vocab_size to have train check the fit")
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    reason = refusal(recipe, free)
+    if reason:
+        raise UserError(reason)
 
 
 @app.command("memory-estimate")

@@ -287,21 +287,23 @@ def recipe_vocab_size(recipe: Recipe) -> int:
                       "loading it; set model.vocab_size (e.g. --set model.vocab_size=32000)")
 
 
-def estimate(recipe: Recipe, gpu_gb: float = 24.0) -> Estimate:
+def estimate(recipe: Recipe, gpu_gb: float = 24.0, baseline: bool = True) -> Estimate:
+    """Every phase the recipe runs, and (with `baseline`) a full-rank bf16 AdamW run of the same model."""
     vocab = recipe_vocab_size(recipe)
     phases = [PhaseEstimate("ReLoRA", analytic(recipe, vocab), trace(recipe, vocab))]
     if recipe.relora.warm_start_steps:
         phases.append(PhaseEstimate("full-rank warm start", analytic(recipe, vocab, "full"),
                                     trace(recipe, vocab, "full")))
-    baseline = replace(recipe, optim=replace(recipe.optim, name="adamw"), model=replace(recipe.model, dtype="bf16"))
-    phases.append(PhaseEstimate("baseline: full-rank bf16 AdamW", analytic(baseline, vocab, "full"),
-                                trace(baseline, vocab, "full")))
+    if baseline:
+        dense = replace(recipe, optim=replace(recipe.optim, name="adamw"), model=replace(recipe.model, dtype="bf16"))
+        phases.append(PhaseEstimate("baseline: full-rank bf16 AdamW", analytic(dense, vocab, "full"),
+                                    trace(dense, vocab, "full")))
     shapes = target_shapes(recipe, vocab)
     params = sum(o * i for o, i in shapes) + (2 * recipe.model.num_layers + 1 + 2 * vocab) * recipe.model.hidden_size
     host = {"dense model while loading": params * (2 if recipe.model.dtype == "bf16" else 4)}
     if recipe.relora.fidelity == "master" and not (recipe.lora.quant == "none" and recipe.model.dtype == "fp32"):
         host["fp32 master of the base (fidelity = master)"] = 4 * sum(o * i for o, i in shapes)
-    run_phases = [(p, "relora" if p.name == "ReLoRA" else "full") for p in phases[:-1]]
+    run_phases = [(p, "relora" if p.name == "ReLoRA" else "full") for p in phases if not p.name.startswith("base")]
     fit = min(largest_micro_batch(recipe, vocab, p, kind, gpu_gb * GIB) for p, kind in run_phases)
     return Estimate(phases, host, gpu_gb * GIB, fit)
 
@@ -356,7 +358,7 @@ def verdict(estimate: Estimate, recipe: Recipe) -> str:
 
 def refusal(recipe: Recipe, free_bytes: float) -> str | None:
     """Why `train` should not start on a GPU with `free_bytes` free, or None when the recipe fits."""
-    result = estimate(recipe, free_bytes / GIB)
+    result = estimate(recipe, free_bytes / GIB, baseline=False)
     if result.need <= free_bytes:
         return None
     return (f"the recipe needs about {result.need / GIB:.1f} GiB of GPU memory, {free_bytes / GIB:.1f} GiB are free "
