@@ -113,7 +113,7 @@ class ReloraConfig:
 
     restart_every: int = 100  # steps per ReLoRA cycle (merge at each multiple, counted after the warm start)
     restart_warmup_steps: int = 10  # steps of linear LR re-warm after each restart
-    warm_start_steps: int = 0  # full-rank steps (dense, all trainable) before ReLoRA begins
+    warm_start_steps: int = 0  # full-rank steps (dense, all trainable) before ReLoRA begins; = train.max_steps: a full-rank baseline
     reset: str = "magnitude"  # optimizer reset of LoRA states at restart: magnitude | random | zero
     reset_ratio: float = 0.999  # share of each LoRA moment pruned to zero at a restart (magnitude/random)
     fidelity: str = "master"  # how merges survive requantization: master (fp32 copy in host RAM) | naive
@@ -231,9 +231,10 @@ class Recipe:
                 f"data.seq_len = {self.data.seq_len}: must be <= model.max_position_embeddings "
                 f"({self.model.max_position_embeddings})"
             )
-        if self.relora.warm_start_steps >= self.train.max_steps:
+        if self.relora.warm_start_steps > self.train.max_steps:
             raise RecipeError(
-                f"relora.warm_start_steps = {self.relora.warm_start_steps}: must be < train.max_steps ({self.train.max_steps})"
+                f"relora.warm_start_steps = {self.relora.warm_start_steps}: must be <= train.max_steps ({self.train.max_steps}); "
+                "equal trains full-rank throughout"
             )
 
     def to_dict(self) -> dict:

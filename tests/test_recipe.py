@@ -53,8 +53,8 @@ MALFORMED = [
     ("[optim]\nbetas = [0.9]\n", "optim.betas = [0.9]: must be two numbers in [0, 1)"),
     ("[lora]\ntargets = [1, 2]\n", "lora.targets = [1, 2]: must be a list of strings, got list"),
     ("lora = 3\n", "lora must be a [lora] table, got 3"),
-    ("[train]\nmax_steps = 10\n[relora]\nwarm_start_steps = 10\n",
-     "relora.warm_start_steps = 10: must be < train.max_steps (10)"),
+    ("[train]\nmax_steps = 10\n[relora]\nwarm_start_steps = 11\n",
+     "relora.warm_start_steps = 11: must be <= train.max_steps (10); equal trains full-rank throughout"),
     ("[model]\nhidden_size = 100\nnum_heads = 3\n", "model.hidden_size = 100: must be divisible by model.num_heads"),
 ]
 

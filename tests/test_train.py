@@ -8,6 +8,7 @@ import torch
 
 from lean_relora.recipe import (DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
                                 ReloraConfig, TrainConfig)
+from lean_relora import checkpoint
 from lean_relora.relora import relora_layers
 from lean_relora.train import setup, train, train_step
 
@@ -97,3 +98,12 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer_cache):
     assert loss_big == pytest.approx(loss_small, rel=1e-5)
     for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_warm_start_as_long_as_the_run_is_a_full_rank_baseline(tmp_path, tokenizer_cache):
+    directory = run_dir(tmp_path, tokenizer_cache)
+    summary = train(tiny_recipe(steps=8, warm_start=8, restart_every=3), directory)
+    assert summary["restarts"] == 0 and summary["steps"] == 8
+    assert summary["last eval loss"] < summary["first eval loss"]
+    final, _ = checkpoint.find_latest(directory)
+    assert checkpoint.read_state(final)["relora"] is False  # never wrapped: every weight trained dense
