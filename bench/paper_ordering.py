@@ -1,0 +1,78 @@
+"""The paper's ordering at small scale: on the built-in corpus (the embedded tiny_cpu recipe), the same steps and
+tokens for every method, compare final eval loss of full-rank training, LoRA, LoRA after a full-rank warm start, and
+ReLoRA (nf4 base and unquantized base); writes results/paper_ordering/summary.json and keeps each run's directory
+(metrics and checkpoints, for `lean-relora report RUN_DIR ... --spectrum`).
+
+    .venv/bin/python bench/paper_ordering.py [--steps 300] [--set section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lean_relora.progress import Reporter
+from lean_relora.recipe import load_recipe
+from lean_relora.train import train
+
+NEVER = "relora.restart_every=1000000"  # LoRA: one cycle for the whole run
+
+
+def variants(steps: int) -> dict[str, list[str]]:
+    return {
+        "full-rank": [f"relora.warm_start_steps={steps}"],
+        "LoRA": ["relora.warm_start_steps=0", NEVER],
+        "LoRA + warm start": [NEVER],
+        "ReLoRA (nf4 base)": [],
+        "ReLoRA (unquantized base)": ["lora.quant='none'"],
+    }
+
+
+# Perplexities of the paper's 130M-scale runs (Lialin et al., Table 2), for orientation only.
+PAPER = {"full-rank": 23.65, "LoRA": 34.17, "LoRA + warm start": 25.46, "ReLoRA (nf4 base)": 25.04}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for all runs")
+    parser.add_argument("--out", type=Path, default=Path("results/paper_ordering"))
+    args = parser.parse_args()
+
+    console = Console(width=150)
+    common = [f"train.max_steps={args.steps}", "checkpoint.every=60", "checkpoint.keep_last=100", *args.overrides]
+    results = {}
+    for name, overrides in variants(args.steps).items():
+        recipe = load_recipe(None, common + overrides)
+        run_dir = args.out / name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        console.print(f"[bold]{name}[/]: {' '.join(overrides) or '(the recipe as it is)'}")
+        summary = train(recipe, run_dir, Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps, live=False))
+        results[name] = {"eval_loss": summary["last eval loss"], "restarts": summary["restarts"],
+                         "tokens": summary["tokens"], "seconds": summary["seconds"], "run_dir": str(run_dir)}
+
+    full, lora = results["full-rank"]["eval_loss"], results["LoRA"]["eval_loss"]
+    table = Table(title=f"tiny_cpu recipe, {args.steps} steps x {results['LoRA']['tokens'] // args.steps:,} tokens "
+                        "for every method: final eval loss")
+    for column in ("method", "eval loss", "perplexity", "share of the LoRA -> full-rank gap closed", "restarts",
+                   "paper 130M ppl"):
+        table.add_column(column, justify="right")
+    for name, result in results.items():
+        closed = (lora - result["eval_loss"]) / (lora - full) if lora != full else float("nan")
+        result["gap_closed"] = closed
+        table.add_row(name, f"{result['eval_loss']:.4f}", f"{math.exp(result['eval_loss']):.1f}", f"{closed:.0%}",
+                      str(result["restarts"]), f"{PAPER[name]:.2f}" if name in PAPER else "-")
+    console.print(table)
+    (args.out / "summary.json").write_text(json.dumps(results, indent=1))
+    console.print(f"wrote {args.out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
