@@ -68,7 +68,7 @@ def train(
     recipe: RecipeArg = None,
     set_: SetOpt = None,
     run_dir: Annotated[Optional[Path], typer.Option(
-        "--run-dir", help="Directory for metrics, tokenizer and checkpoints [default: runs/<recipe>-<time>].",
+        "--run-dir", help="Directory for metrics, tokenizer and checkpoints \\[default: runs/<recipe>-<time>].",
         show_default=False)] = None,
     max_steps: Annotated[Optional[int], typer.Option(
         "--max-steps", help="Stop after this many optimizer steps (overrides train.max_steps).",
@@ -219,6 +219,57 @@ def eval_(
         console.print(f"warning: skipped damaged checkpoint: {problem}", highlight=False, soft_wrap=True)
     typer.echo(f"{result['checkpoint']} (step {result['step']}): eval loss {result['eval_loss']:.4f}, "
                f"perplexity {result['eval_ppl']:.2f} on {result['tokens']:,} tokens")
+
+
+@app.command("report")
+def report_(
+    run_dirs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR", help="Run directories (metrics.jsonl, checkpoints/); two or more are overlaid.",
+        show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Directory for the PNG files \\[default: the first RUN_DIR/report].", show_default=False)] = None,
+    spectrum: Annotated[bool, typer.Option(
+        "--spectrum", help="Also plot the singular values of the update each run accumulated in one weight matrix "
+        "(newest checkpoint minus the oldest dense one, or the initial weights); print its effective rank.")] = False,
+    layer: Annotated[Optional[str], typer.Option(
+        "--layer", help="The weight matrix for --spectrum, e.g. model.layers.1.mlp.down_proj \\[default: the first "
+        "ReLoRA down_proj].", show_default=False)] = None,
+):
+    """Plot loss and eval loss against tokens (restarts marked), learning rate and tokens/s as PNG files."""
+    console = _setup_logging()
+    from rich.table import Table
+
+    from lean_relora import report
+    from lean_relora.checkpoint import CheckpointError
+    from lean_relora.recipe import RecipeError
+
+    out = out or run_dirs[0] / report.REPORT
+    try:
+        report.pyplot()
+        if layer is not None and not spectrum:
+            raise UserError(f"--layer {layer}: only used with --spectrum; add --spectrum")
+        for run_dir in run_dirs:  # every input is checked before any file is written
+            report.read_metrics(run_dir)
+        report.out_directory(out, create=False)
+        spectra = []
+        if spectrum:  # the slow part, and it may still find bad input (no checkpoint, unknown layer)
+            spectra = [report.spectrum(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
+        paths = report.plot_runs(run_dirs, out)
+        if spectra:
+            paths.append(report.plot_spectrum(spectra, out))
+    except (report.ReportError, CheckpointError, RecipeError, UserError) as e:
+        _fail(console, str(e))
+    if spectra:
+        table = Table(title=f"accumulated update of {', '.join(sorted({s.layer for s in spectra}))}")
+        for heading in ("run", "from", "to", "LoRA rank", "effective rank"):
+            table.add_column(heading, justify="right" if "rank" in heading else "left")
+        for s in spectra:
+            table.add_row(s.label, s.start, s.end, str(s.rank or "-"), str(s.effective_rank))
+        Console().print(table)
+        console.print(f"effective rank: singular values above {report.EFFECTIVE:.0%} of the largest",
+                      highlight=False)
+    for path in paths:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

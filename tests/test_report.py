@@ -1,0 +1,200 @@
+"""`lean-relora report`: valid PNG plots of tiny runs, two runs overlaid, the spectrum of the accumulated update
+(whose rank exceeds the LoRA rank after restarts), and one line + exit code 2 for bad input."""
+
+import json
+import math
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig
+
+from lean_relora import report
+from lean_relora.checkpoint import find_latest, saved_recipe
+from lean_relora.train import setup
+from test_cli import invoke
+
+image = pytest.importorskip("matplotlib.image")  # the `report` extra; `.[test]` installs it
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RANK = 2
+# Rank 2, restarts every 3 steps, 9 steps. warm: 3 full-rank steps, then cycles 3-6 and 6-9, a checkpoint every 3
+# steps (the one at step 3 is dense: the end of the warm start). cold: no warm start, cycles 0-3, 3-6, 6-9, and only
+# the final checkpoint, so its spectrum starts from the initial weights.
+RECIPE = f"""
+[model]
+hidden_size = 64
+intermediate_size = 128
+num_layers = 2
+num_heads = 4
+max_position_embeddings = 64
+dtype = "fp32"
+[data]
+bpe_vocab_size = 512
+seq_len = 32
+[lora]
+rank = {RANK}
+[relora]
+restart_every = 3
+restart_warmup_steps = 1
+[optim]
+lr = 3e-3
+warmup_steps = 1
+[train]
+max_steps = 9
+micro_batch_size = 2
+device = "cpu"
+[eval]
+every = 3
+batches = 1
+[log]
+every = 1
+[checkpoint]
+every = 3
+keep_last = 10
+"""
+CYCLES = {"warm": 2, "cold": 3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    (root / "tiny.toml").write_text(RECIPE)
+    code, output = invoke("train", root / "tiny.toml", "--run-dir", root / "warm", "--set",
+                          "relora.warm_start_steps=3")
+    assert code == 0, output
+    (root / "cold").mkdir()
+    for item in ("tokenizer", "tokenizer_fingerprint.json"):  # the same BPE: training it once is enough
+        (shutil.copytree if item == "tokenizer" else shutil.copy)(root / "warm" / item, root / "cold" / item)
+    code, output = invoke("train", root / "tiny.toml", "--run-dir", root / "cold", "--set", "checkpoint.every=0",
+                          "--set", "optim.lr=2e-3")
+    assert code == 0, output
+    return root
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    pixels = image.imread(path)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300, (path, pixels.shape)
+    assert pixels[..., :3].std() > 0.01, f"{path}: blank"
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_report_writes_valid_pngs_into_the_run_and_changes_nothing_else(runs, tmp_path):
+    run = shutil.copytree(runs / "warm", tmp_path / "warm")
+    before = snapshot(run)
+    code, output = invoke("report", run)
+    assert code == 0, output
+    names = ["loss.png", "lr.png", "throughput.png"]
+    for name in names:
+        assert_png(run / "report" / name)
+        assert f"wrote {run / 'report' / name}" in output
+    assert sorted(p.name for p in (run / "report").iterdir()) == names  # no temporary files left behind
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if k.parts[0] != "report"} == before
+
+
+def test_two_runs_are_overlaid_with_both_in_the_legend(runs, tmp_path):
+    code, output = invoke("report", runs / "warm", runs / "cold", "--out", tmp_path / "out")
+    assert code == 0, output
+    for name in ("loss.png", "lr.png", "throughput.png"):
+        assert_png(tmp_path / "out" / name)
+    figure = report.loss_figure({name: report.read_metrics(runs / name) for name in ("warm", "cold")})
+    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    report.pyplot().close(figure)
+    assert legend == ["warm train", "warm eval", "cold train", "cold eval", "restart"]
+    assert len(figure.axes[0].lines) == 4 + 1 + 2  # two curves per run, and a line at each restart (1 + 2)
+
+
+def test_spectrum_of_a_relora_run_exceeds_the_lora_rank(runs, tmp_path):
+    code, output = invoke("report", runs / "warm", runs / "cold", "--out", tmp_path, "--spectrum")
+    assert code == 0, output
+    assert_png(tmp_path / "spectrum.png")
+    printed = {}
+    for line in output.splitlines():
+        match = re.match(r"\W*(warm|cold)\W+(step-\d+|initial weights)\W+step-00000009\W+(\d+)\W+(\d+)\W*$", line)
+        if match:
+            printed[match[1]] = (match[2], int(match[3]), int(match[4]))
+    assert printed["warm"][:2] == ("step-00000003", RANK) and printed["cold"][:2] == ("initial weights", RANK)
+    assert printed["warm"][2] > RANK and printed["cold"][2] > RANK
+    # The update is a sum of one rank-2 product per cycle: above that rank only fp32 rounding is left. A W_start
+    # that was not exactly where training started would leave a full-rank difference instead.
+    for name, cycles in CYCLES.items():
+        s = report.spectrum(runs / name)
+        assert s.layer == "model.layers.0.mlp.down_proj" and s.effective_rank == printed[name][2]
+        assert RANK < s.effective_rank <= RANK * cycles
+        assert s.singular_values[RANK * cycles] < 1e-5 * s.singular_values[0]
+
+
+def test_initial_weights_are_rebuilt_exactly_as_training_started(runs, tmp_path):
+    end, _ = find_latest(runs / "cold")
+    recipe, config = saved_recipe(end), AutoConfig.from_pretrained(end)
+    for item in ("tokenizer", "tokenizer_fingerprint.json"):
+        (shutil.copytree if item == "tokenizer" else shutil.copy)(runs / "cold" / item, tmp_path / item)
+    started = setup(recipe, tmp_path).model  # fp32 model, nf4 base: its fp32 master is the dense initial weight
+    state = torch.get_rng_state()
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
+        assert torch.equal(report.initial_weight(recipe, config, name), started.get_submodule(name).base.master)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+
+
+def test_read_metrics_keeps_the_last_record_of_each_step_and_reads_nan(tmp_path):
+    records = [{"step": 0, "eval_loss": 6.0, "eval_ppl": 403.0, "tokens": 0},
+               {"step": 1, "loss": 6.1, "lr": 1e-3, "tokens": 128, "tokens_per_s": 10.0, "restarts": 0},
+               {"step": 2, "loss": 9.9, "lr": 1e-3, "tokens": 256, "tokens_per_s": 10.0, "restarts": 0},
+               {"step": 2, "restart": 1, "merge_seconds": 0.1, "retention": 0.99},
+               # killed after step 2, resumed from a checkpoint at step 1: step 2 again
+               {"step": 2, "loss": 5.9, "lr": 1e-3, "tokens": 256, "tokens_per_s": 11.0, "restarts": 0},
+               {"step": 3, "loss": math.nan, "lr": 1e-3, "tokens": 384, "tokens_per_s": 12.0, "restarts": 1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    m = report.read_metrics(tmp_path)
+    assert [r["loss"] for r in m["train"]][:2] == [6.1, 5.9] and math.isnan(m["train"][2]["loss"])
+    assert [r["step"] for r in m["eval"]] == [0] and [r["restart"] for r in m["restart"]] == [1]
+    np.testing.assert_array_equal(report.restart_tokens(m), [256.0])
+
+
+def test_help_documents_the_options():
+    code, output = invoke("report", "--help")
+    assert code == 0
+    for option in ("RUN_DIR", "--out", "--spectrum", "--layer"):
+        assert option in output
+
+
+@pytest.mark.parametrize("case", ["missing", "not a run", "no checkpoint", "layer", "layer alone", "out is a file",
+                                  "no matplotlib"])
+def test_bad_input_exits_2_with_one_line(runs, tmp_path, monkeypatch, case):
+    run, out = runs / "warm", tmp_path / "out"
+    args, message = {
+        "missing": ([tmp_path / "nope"], f"{tmp_path / 'nope'}: no such run directory"),
+        "not a run": ([tmp_path], f"{tmp_path}: no metrics.jsonl; give a directory that `lean-relora train "
+                                  "--run-dir` wrote"),
+        "no checkpoint": ([tmp_path / "bare", "--spectrum"], None),
+        "layer": ([run, "--spectrum", "--layer", "model.layers.9.mlp"], None),
+        "layer alone": ([run, "--layer", "lm_head"], "--layer lm_head: only used with --spectrum; add --spectrum"),
+        "out is a file": ([run, "--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: exists and is not a "
+                                                              "directory; choose a directory"),
+        "no matplotlib": ([run], report.NEEDS_MATPLOTLIB),
+    }[case]
+    if case == "no checkpoint":
+        (tmp_path / "bare").mkdir()
+        shutil.copy(run / "metrics.jsonl", tmp_path / "bare")
+    if case == "out is a file":
+        (tmp_path / "file").write_text("keep me")
+    if case == "no matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is absent
+    code, output = invoke("report", *args, *([] if case == "out is a file" else ["--out", out]))
+    assert code == 2, output
+    assert len(output.splitlines()) == 1 and output.startswith("error: "), output
+    if message:
+        assert output == f"error: {message}\n"
+    if case == "layer":
+        assert "model.layers.9.mlp: no such linear layer" in output
+    assert not out.exists() and not (run / "report").exists()
+    if case == "out is a file":
+        assert (tmp_path / "file").read_text() == "keep me"
