@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 
+import matplotlib.image as image  # the `report` extra; `.[test]` installs it
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,6 @@ from lean_relora.checkpoint import find_latest, saved_recipe
 from lean_relora.train import setup
 from test_cli import invoke
 
-image = pytest.importorskip("matplotlib.image")  # the `report` extra; `.[test]` installs it
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANK = 2
