@@ -1,7 +1,8 @@
 """The paper's ordering at small scale: on the built-in corpus (the embedded tiny_cpu recipe), the same steps and
 tokens for every method, compare final eval loss of full-rank training, LoRA, LoRA after a full-rank warm start, and
 ReLoRA (nf4 base and unquantized base); writes results/paper_ordering/summary.json and keeps each run's directory
-(metrics and checkpoints, for `lean-relora report RUN_DIR ... --spectrum`).
+(metrics and checkpoints, for `lean-relora report RUN_DIR ... --spectrum`); then the update rank of one weight matrix
+(singular values of W_end - W_start) for LoRA and ReLoRA from the same warm start.
 
     .venv/bin/python bench/paper_ordering.py [--steps 300] [--set section.key=value ...]
 """
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from lean_relora.progress import Reporter
 from lean_relora.recipe import load_recipe
+from lean_relora.report import spectrum
 from lean_relora.train import train
 
 NEVER = "relora.restart_every=1000000"  # LoRA: one cycle for the whole run
@@ -70,6 +72,19 @@ def main() -> None:
         table.add_row(name, f"{result['eval_loss']:.4f}", f"{math.exp(result['eval_loss']):.1f}", f"{closed:.0%}",
                       str(result["restarts"]), f"{PAPER[name]:.2f}" if name in PAPER else "-")
     console.print(table)
+
+    # Update rank (the paper's central analysis): singular values of W_end - W_start of one matrix over the low-rank
+    # phase, LoRA after the warm start against ReLoRA from the same warm start.
+    ranks = Table(title="update rank of model.layers.0.mlp.down_proj, end of warm start -> end of run")
+    for column in ("method", "LoRA rank", "non-zero singular values (> 1e-6 of the largest)",
+                   "effective rank (> 1% of the largest)"):
+        ranks.add_column(column, justify="right")
+    for name in ("LoRA + warm start", "ReLoRA (nf4 base)", "ReLoRA (unquantized base)"):
+        found = spectrum(results[name]["run_dir"], "model.layers.0.mlp.down_proj")
+        normalized = found.singular_values / found.singular_values[0]
+        results[name]["update_rank"] = {"nonzero": int((normalized > 1e-6).sum()), "effective": found.effective_rank}
+        ranks.add_row(name, str(found.rank), str(int((normalized > 1e-6).sum())), str(found.effective_rank))
+    console.print(ranks)
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
     console.print(f"wrote {args.out / 'summary.json'}")
 

@@ -26,8 +26,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lean_relora.model import DTYPES, build_model
 from lean_relora.optim import build_optimizer
+from lean_relora.quant import quant_state_tensors
 from lean_relora.recipe import Recipe
-from lean_relora.relora import relora_layers, set_trainable, wrap_model
+from lean_relora.relora import is_target, relora_layers, set_trainable, wrap_model
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace, typical for one process
@@ -77,10 +78,7 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     tensors = list(model.parameters()) + list(model.buffers())
     for layer in relora_layers(model):
         if layer.base.quant_state is not None:
-            state = layer.base.quant_state
-            tensors += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
-            if state.nested:
-                tensors += [state.state2.absmax, state.state2.code]
+            tensors += quant_state_tensors(layer.base.quant_state)
     return tensors
 
 
@@ -157,8 +155,6 @@ def target_shapes(recipe: Recipe, vocab_size: int) -> list[tuple[int, int]]:
     """(out, in) of every Linear that ReLoRA wraps, from a meta-device model (no memory, no init)."""
     with torch.device("meta"):
         model = build_model(replace(recipe.model, gradient_checkpointing=False), vocab_size, recipe.data.seq_len)
-    from lean_relora.relora import is_target
-
     return [tuple(m.weight.shape) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and is_target(n, recipe.lora.targets)]
 

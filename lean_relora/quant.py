@@ -109,14 +109,14 @@ class FrozenBase(nn.Module):
         """Device bytes of the stored weight and its statistics (bias excluded)."""
         tensors = [b for name, b in self.named_buffers() if name != "bias"]
         if self.quant_state is not None:
-            tensors += _quant_state_tensors(self.quant_state)
+            tensors += quant_state_tensors(self.quant_state)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this base keeps, buffers or not: stored form, quant state, master, retention probe."""
         tensors = list(self.buffers()) + [self.probe.start, self.probe.now, self.probe.merged]
         if self.quant_state is not None:
-            tensors += _quant_state_tensors(self.quant_state)
+            tensors += quant_state_tensors(self.quant_state)
         return tensors + ([self.master] if self.master is not None else [])
 
     def extra_state(self) -> dict[str, torch.Tensor]:
@@ -159,7 +159,7 @@ class FrozenBase(nn.Module):
         return f"{self.in_features} -> {self.out_features}, quant={self.quant}{master}"
 
 
-def _quant_state_tensors(state: bnbf.QuantState) -> list[torch.Tensor]:
+def quant_state_tensors(state: bnbf.QuantState) -> list[torch.Tensor]:
     tensors = [state.absmax, state.code]
     if state.nested:
         tensors += [state.offset, state.state2.absmax, state.state2.code]
