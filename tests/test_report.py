@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from lean_relora import report
 from lean_relora.checkpoint import find_latest, saved_recipe
 from lean_relora.train import setup
-from test_cli import invoke
+from test_cli import TINY, invoke
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,38 +24,9 @@ RANK = 2
 # Rank 2, restarts every 3 steps, 9 steps. warm: 3 full-rank steps, then cycles 3-6 and 6-9, a checkpoint every 3
 # steps (the one at step 3 is dense: the end of the warm start). cold: no warm start, cycles 0-3, 3-6, 6-9, and only
 # the final checkpoint, so its spectrum starts from the initial weights.
-RECIPE = f"""
-[model]
-hidden_size = 64
-intermediate_size = 128
-num_layers = 2
-num_heads = 4
-max_position_embeddings = 64
-dtype = "fp32"
-[data]
-bpe_vocab_size = 512
-seq_len = 32
-[lora]
-rank = {RANK}
-[relora]
-restart_every = 3
-restart_warmup_steps = 1
-[optim]
-lr = 3e-3
-warmup_steps = 1
-[train]
-max_steps = 9
-micro_batch_size = 2
-device = "cpu"
-[eval]
-every = 3
-batches = 1
-[log]
-every = 1
-[checkpoint]
-every = 3
-keep_last = 10
-"""
+RECIPE = TINY + "[checkpoint]\nevery = 3\nkeep_last = 10\n"  # the CLI tests' tiny model, with these changes:
+CHANGES = ["--set", f"lora.rank={RANK}", "--set", "train.max_steps=9", "--set", "train.micro_batch_size=2",
+           "--set", "eval.batches=1"]
 CYCLES = {"warm": 2, "cold": 3}
 
 
@@ -63,13 +34,13 @@ CYCLES = {"warm": 2, "cold": 3}
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     (root / "tiny.toml").write_text(RECIPE)
-    code, output = invoke("train", root / "tiny.toml", "--run-dir", root / "warm", "--set",
+    code, output = invoke("train", root / "tiny.toml", "--run-dir", root / "warm", *CHANGES, "--set",
                           "relora.warm_start_steps=3")
     assert code == 0, output
     (root / "cold").mkdir()
     for item in ("tokenizer", "tokenizer_fingerprint.json"):  # the same BPE: training it once is enough
         (shutil.copytree if item == "tokenizer" else shutil.copy)(root / "warm" / item, root / "cold" / item)
-    code, output = invoke("train", root / "tiny.toml", "--run-dir", root / "cold", "--set", "checkpoint.every=0",
+    code, output = invoke("train", root / "tiny.toml", "--run-dir", root / "cold", *CHANGES, "--set", "checkpoint.every=0",
                           "--set", "optim.lr=2e-3")
     assert code == 0, output
     return root
