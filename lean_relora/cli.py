@@ -83,7 +83,7 @@ def train(
     """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl."""
     console = _setup_logging()
     from lean_relora.checkpoint import RECIPE, CheckpointError, CheckpointSaveError, resolve
-    from lean_relora.data import DataError
+    from lean_relora.corpus import DataError
     from lean_relora.recipe import RecipeError, load_recipe
     from lean_relora.train import TrainingDiverged
     from lean_relora.train import train as run_training
@@ -207,7 +207,7 @@ def eval_(
     """Print the loss and perplexity of a checkpoint on the eval split."""
     console = _setup_logging()
     from lean_relora.checkpoint import CheckpointError
-    from lean_relora.data import DataError
+    from lean_relora.corpus import DataError
     from lean_relora.export import ExportError, evaluate_checkpoint
     from lean_relora.recipe import RecipeError
 

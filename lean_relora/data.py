@@ -1,14 +1,13 @@
-"""Data: a `DataConfig` becomes documents, a tokenizer and fixed-length token blocks.
+"""Data: fixed-length token blocks of the train and held-out documents (corpus.py), encoded with the run's tokenizer
+(tokenizer.py).
 
-Loading, tokenizing and caching are left to Hugging Face `datasets`/`tokenizers`; this module only decides which
-documents are held out, packs token streams into blocks and fixes the order in which blocks are served. That order is
-a pure function of (shuffle_seed, micro-batch index), so resuming a run needs nothing but the index.
+Tokenizing and caching are left to Hugging Face `datasets`; this module packs token streams into blocks and fixes the
+order in which blocks are served. That order is a pure function of (shuffle_seed, micro-batch index), so resuming a
+run needs nothing but the index.
 """
 
 from __future__ import annotations
 
-import glob as globlib
-import json
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -17,220 +16,13 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from .recipe import DataConfig
+from lean_relora.corpus import DataError, load_documents
+from lean_relora.recipe import DataConfig
+from lean_relora.tokenizer import load_tokenizer
 
-EOS = "<|endoftext|>"
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-BPE_STREAM_DOCS = 20_000  # a stream may be endless: the BPE learns its merges from this many leading documents
 _INT32_IDS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})  # half int64's RAM
-
-
-class DataError(ValueError):
-    """Bad data input; message is ONE line saying what is wrong and how to fix it."""
-
-
-# ----------------------------------------------------------------------------------------------- documents
-
-
-def load_documents(cfg: DataConfig):
-    """(train_docs, eval_docs), each with a single "text" column.
-
-    Local data gives two `datasets.Dataset`s split by a seeded shuffle of documents; "hub:NAME" gives an in-memory
-    eval Dataset (the first cfg.eval_documents documents) and a streaming `IterableDataset` of the rest.
-    """
-    if cfg.source == "pydoc":
-        from pydoc_data.topics import topics  # CPython's bundled docs: a corpus that needs no download
-
-        keys = sorted(topics)[: cfg.max_documents or None]
-        return _split_local(_drop_empty(datasets.Dataset.from_dict({"text": [topics[k] for k in keys]}), cfg), cfg)
-    if cfg.source.startswith("hub:"):
-        return _load_hub(cfg, cfg.source[len("hub:") :])
-
-    files, builder = _resolve_files(cfg.source)
-    # One .txt file would be one document and could not be split for evaluation, so it is cut at blank lines.
-    kwargs = {"sample_by": "paragraph" if len(files) == 1 else "document"} if builder == "text" else {}
-    try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-    except Exception as e:
-        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        raise DataError(f"data.source = '{cfg.source}': could not be read as {builder} ({why}); fix the file") from e
-    column = None if builder == "text" else cfg.text_column
-    ds = _text_only(ds, column or "text", cfg)
-    if cfg.max_documents:
-        ds = ds.select(range(min(cfg.max_documents, len(ds))))
-    return _split_local(_drop_empty(ds, cfg, column), cfg)
-
-
-def _resolve_files(source: str) -> tuple[list[str], str]:
-    path = Path(source).expanduser()
-    if any(c in source for c in "*?["):
-        files = sorted(str(Path(p).resolve()) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise DataError(f"data.source = '{source}': the glob matches no files; fix the pattern or pass a file")
-    elif path.is_dir():
-        visible = (p for p in path.rglob("*") if not any(s.startswith(".") for s in p.relative_to(path).parts))
-        files = sorted(str(p.resolve()) for p in visible if p.is_file() and p.suffix.lower() in BUILDERS)
-        if not files:
-            raise DataError(
-                f"data.source = '{source}': the directory holds no .txt, .jsonl, .json or .parquet files; "
-                "add some or point data.source at a file"
-            )
-    elif path.is_file():
-        files = [str(path.resolve())]
-    else:
-        raise DataError(
-            f"data.source = '{source}': no such file or directory; pass an existing .txt/.jsonl/.json/.parquet "
-            "file, directory or glob, 'pydoc', or 'hub:NAME'"
-        )
-    bad = sorted({Path(f).suffix or "(none)" for f in files if Path(f).suffix.lower() not in BUILDERS})
-    if bad:
-        raise DataError(
-            f"data.source = '{source}': unsupported file extension {bad[0]}; use .txt, .jsonl, .json or .parquet"
-        )
-    kinds = sorted({BUILDERS[Path(f).suffix.lower()] for f in files})
-    if len(kinds) > 1:
-        raise DataError(f"data.source = '{source}': mixes {' and '.join(kinds)} files; use files of one format")
-    return files, kinds[0]
-
-
-def _text_only(ds, column: str, cfg: DataConfig):
-    """Keep only the text column, renamed to "text", so everything downstream is format-agnostic."""
-    names = ds.column_names
-    if names is None:  # a stream that declares no features: its first record tells
-        first = next(iter(ds), None)
-        if first is None:
-            raise _empty(cfg, column)
-        names = list(first)
-    if column not in names:
-        raise DataError(
-            f"data.text_column = '{column}': no such column in {cfg.source}; columns present: {', '.join(names)}; "
-            "set data.text_column to one of them"
-        )
-    feature = (ds.features or {}).get(column)
-    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"data.text_column = '{column}': holds {feature}, not text; name a column of strings")
-    ds = ds.select_columns([column])
-    return ds if column == "text" else ds.rename_column(column, "text")
-
-
-def _drop_empty(ds, cfg: DataConfig, column: str | None = None):
-    ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
-    if isinstance(ds, datasets.Dataset) and len(ds) == 0:
-        raise _empty(cfg, column)
-    return ds
-
-
-def _split_local(ds: datasets.Dataset, cfg: DataConfig):
-    n = len(ds)
-    if n < 2:
-        raise DataError(
-            f"data.source = '{cfg.source}': only 1 non-empty document; give at least 2 so one can be held out for "
-            "evaluation"
-        )
-    n_eval = min(n - 1, max(1, round(n * cfg.eval_fraction)))
-    split = ds.train_test_split(test_size=n_eval, seed=cfg.shuffle_seed)
-    return split["train"], split["test"]
-
-
-def _load_hub(cfg: DataConfig, name: str):
-    try:
-        ds = datasets.load_dataset(name, cfg.hub_config or None, split=cfg.split, streaming=True)
-        if cfg.max_documents:
-            ds = ds.take(cfg.max_documents)
-        ds = _drop_empty(_text_only(ds, cfg.text_column, cfg), cfg, cfg.text_column)
-        eval_texts = [ex["text"] for ex in ds.take(cfg.eval_documents)]
-    except DataError:
-        raise
-    except Exception as e:  # unknown name, offline, gated, bad config/split: the cause stays chained
-        raise DataError(
-            f"data.source = '{cfg.source}': the hub dataset '{name}' could not be loaded; check the name, "
-            "data.hub_config, data.split and the network, or use a local file (data.source = corpus.jsonl)"
-        ) from e
-    if not eval_texts:
-        raise _empty(cfg, cfg.text_column)
-    return ds.skip(cfg.eval_documents), datasets.Dataset.from_dict({"text": eval_texts})
-
-
-def _empty(cfg: DataConfig, column: str | None = None) -> DataError:
-    where = f" in column '{column}'" if column else ""
-    return DataError(f"data.source = '{cfg.source}': no non-empty documents{where}; give a corpus that contains text")
-
-
-# ----------------------------------------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(cfg: DataConfig, cache_dir: Path, documents=None) -> PreTrainedTokenizerFast:
-    """The run's tokenizer; a trained BPE is cached in cache_dir so a resumed run gets the very same ids.
-
-    `documents` (the train docs from load_documents, or any iterable of strings) saves reloading the corpus.
-    """
-    if cfg.tokenizer != "bpe":
-        return _pretrained_tokenizer(cfg.tokenizer)
-    target, stamp = Path(cache_dir) / "tokenizer", Path(cache_dir) / "tokenizer_fingerprint.json"
-    want = _bpe_fingerprint(cfg)
-    if target.is_dir() and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == want:
-                return PreTrainedTokenizerFast.from_pretrained(target)
-        except Exception:
-            pass  # a damaged cache is simply retrained
-    if documents is None:
-        documents = load_documents(cfg)[0]
-    tok = _train_bpe(documents, cfg.bpe_vocab_size)
-    stamp.unlink(missing_ok=True)  # written last: a crash mid-save must not leave a stamp vouching for it
-    tok.save_pretrained(target)
-    stamp.write_text(json.dumps(want, sort_keys=True))
-    return PreTrainedTokenizerFast.from_pretrained(target)  # same object a later reuse returns
-
-
-def _bpe_fingerprint(cfg: DataConfig) -> dict:
-    # Everything that changes which documents the BPE is trained on, plus its size.
-    keys = ("source", "hub_config", "split", "text_column", "max_documents", "eval_fraction", "eval_documents",
-            "shuffle_seed", "bpe_vocab_size")
-    return {"format": 1, **{k: getattr(cfg, k) for k in keys}}
-
-
-def _train_bpe(documents, vocab_size: int) -> PreTrainedTokenizerFast:
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # bytes: any text encodes, nothing is <unk>
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(_texts(documents), trainer=trainer)
-    # No clean-up of spaces on decode, so decode(encode(s)) == s.
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, clean_up_tokenization_spaces=False)
-
-
-def _texts(documents) -> Iterator[str]:
-    if isinstance(documents, datasets.Dataset):
-        for i in range(0, len(documents), 1000):
-            yield from documents[i : i + 1000]["text"]
-    elif isinstance(documents, datasets.IterableDataset):
-        yield from (ex["text"] for ex in islice(documents, BPE_STREAM_DOCS))
-    else:
-        yield from documents
-
-
-def _pretrained_tokenizer(name: str):
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        raise DataError(
-            f"data.tokenizer = '{name}': could not be loaded; pass a local tokenizer directory, a reachable hub name, "
-            "or 'bpe' to train one on the corpus"
-        ) from e
-    if tok.eos_token_id is None:
-        raise DataError(
-            f"data.tokenizer = '{name}': has no eos_token to separate packed documents; use a tokenizer that "
-            "defines one, or 'bpe'"
-        )
-    return tok
-
-
-# ----------------------------------------------------------------------------------------------- packing
 
 
 def _tokenize_fn(tok):

@@ -268,7 +268,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                       f"lean-relora train --run-dir {run_dir} --resume auto")
     else:
         _eval(run, reporter)
-    (first_step, first), (_, last) = state.eval_losses[0], state.eval_losses[-1]
+    (_, first), (_, last) = state.eval_losses[0], state.eval_losses[-1]
     summary = {"steps": state.step, "restarts": state.restarts, "tokens": state.tokens,
                "first eval loss": first, "last eval loss": last, "seconds": time.perf_counter() - started,
                "run dir": str(run_dir)}

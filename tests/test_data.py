@@ -1,7 +1,6 @@
-"""lean_relora.data: documents, tokenizer, packing, batch order and the one-line errors."""
+"""lean_relora.data and lean_relora.corpus: documents, packing, batch order and the one-line errors."""
 
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -14,11 +13,11 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from lean_relora import data as D
-from lean_relora.data import DataError, build_data, load_documents, load_tokenizer
+from lean_relora.corpus import DataError, load_documents
+from lean_relora.data import build_data
+from lean_relora.tokenizer import EOS, load_tokenizer
 from lean_relora.recipe import DataConfig
 
-EOS = "<|endoftext|>"
 
 
 @pytest.fixture(autouse=True)
@@ -146,49 +145,6 @@ def test_train_batches_are_deterministic_and_cover_each_epoch(pydoc, tmp_path):
     assert data.train_batch(k, 3).tolist() == [list(r) for r in (epoch0 + epoch1)[3 * k : 3 * k + 3]]
     reseeded, _ = build_data(DataConfig(seq_len=64, shuffle_seed=5), tmp_path / "s")
     assert not data.train_batch(0, 4).equal(reseeded.train_batch(0, 4))
-
-
-# ----------------------------------------------------------------------------------------------- tokenizer
-
-
-def test_bpe_tokenizer_is_cached_and_round_trips(tmp_path, monkeypatch):
-    cfg = DataConfig()
-    started = time.perf_counter()
-    tok = load_tokenizer(cfg, tmp_path)
-    assert time.perf_counter() - started < 10
-    saved = tmp_path / "tokenizer" / "tokenizer.json"
-    mtime = saved.stat().st_mtime_ns
-    assert tok.eos_token == EOS and len(tok) == cfg.bpe_vocab_size
-    for s in ["def f(x):\n    return x  + 1\n", "  spaces ,  and . punctuation ", "unicode: é 中文 🙂\t"]:
-        assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s
-
-    monkeypatch.setattr(D, "_train_bpe", lambda *a: pytest.fail("retrained although cached"))
-    cached = load_tokenizer(DataConfig(seq_len=32), tmp_path)  # seq_len does not affect the tokenizer
-    assert saved.stat().st_mtime_ns == mtime and cached.get_vocab() == tok.get_vocab()
-
-    monkeypatch.undo()
-    smaller = load_tokenizer(DataConfig(bpe_vocab_size=1000), tmp_path)  # another size: retrained
-    assert len(smaller) == 1000
-    assert json.loads((tmp_path / "tokenizer_fingerprint.json").read_text())["bpe_vocab_size"] == 1000
-
-
-def test_pretrained_tokenizer_errors(tmp_path):
-    missing = tmp_path / "no_tokenizer"
-    with pytest.raises(DataError) as err:
-        load_tokenizer(DataConfig(tokenizer=str(missing)), tmp_path)
-    assert str(err.value) == (
-        f"data.tokenizer = '{missing}': could not be loaded; pass a local tokenizer directory, "
-        "a reachable hub name, or 'bpe' to train one on the corpus"
-    )
-    no_eos = D._train_bpe(["some text to learn from"] * 3, 300)
-    no_eos.eos_token = None
-    no_eos.save_pretrained(tmp_path / "no_eos")
-    with pytest.raises(DataError) as err:
-        load_tokenizer(DataConfig(tokenizer=str(tmp_path / "no_eos")), tmp_path)
-    assert str(err.value) == (
-        f"data.tokenizer = '{tmp_path / 'no_eos'}': has no eos_token to separate packed documents; "
-        "use a tokenizer that defines one, or 'bpe'"
-    )
 
 
 # ----------------------------------------------------------------------------------------------- file formats
