@@ -4,7 +4,11 @@ ReLoRA (nf4 base and unquantized base); writes results/paper_ordering/summary.js
 (metrics and checkpoints, for `lean-relora report RUN_DIR ... --spectrum`); then the update rank of one weight matrix
 (singular values of W_end - W_start) for LoRA and ReLoRA from the same warm start.
 
-    .venv/bin/python bench/paper_ordering.py [--steps 300] [--set section.key=value ...]
+    .venv/bin/python bench/paper_ordering.py [--steps 300] [--restart-every 120] [--set section.key=value ...]
+
+The recipe's schedule is kept (60 full-rank warm-start steps, a 2-step re-warm) except ReLoRA's cycle length: 120
+steps here, so 2 cycles follow the warm start. bench/sweep.py measures how cycle length and re-warm move
+ReLoRA at this scale.
 """
 
 from __future__ import annotations
@@ -26,14 +30,27 @@ from lean_relora.train import train
 NEVER = "relora.restart_every=1000000"  # LoRA: one cycle for the whole run
 
 
-def variants(steps: int) -> dict[str, list[str]]:
+def variants(steps: int, restart_every: int) -> dict[str, list[str]]:
+    cycles = f"relora.restart_every={restart_every}"
     return {
         "full-rank": [f"relora.warm_start_steps={steps}"],
         "LoRA": ["relora.warm_start_steps=0", NEVER],
         "LoRA + warm start": [NEVER],
-        "ReLoRA (nf4 base)": [],
-        "ReLoRA (unquantized base)": ["lora.quant='none'"],
+        "ReLoRA (nf4 base)": [cycles],
+        "ReLoRA (unquantized base)": [cycles, "lora.quant='none'"],
     }
+
+
+def run_method(name: str, overrides: list[str], out: Path, console: Console) -> dict:
+    """Train the embedded recipe with `overrides` into out/<name as a directory>; its final eval loss and counts."""
+    recipe = load_recipe(None, overrides)
+    run_dir = out / name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus").replace(",", "")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    console.print(f"[bold]{name}[/]: {' '.join(overrides)}")
+    summary = train(recipe, run_dir, Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps, live=False))
+    return {"eval_loss": summary["last eval loss"], "restarts": summary["restarts"], "tokens": summary["tokens"],
+            "seconds": summary["seconds"], "run_dir": str(run_dir), "overrides": overrides}
 
 
 # Perplexities of the paper's 130M-scale runs (Lialin et al., Table 2), for orientation only.
@@ -43,22 +60,15 @@ PAPER = {"full-rank": 23.65, "LoRA": 34.17, "LoRA + warm start": 25.46, "ReLoRA 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    parser.add_argument("--restart-every", type=int, default=120, help="ReLoRA cycle length in steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for all runs")
     parser.add_argument("--out", type=Path, default=Path("results/paper_ordering"))
     args = parser.parse_args()
 
     console = Console(width=150)
     common = [f"train.max_steps={args.steps}", "checkpoint.every=60", "checkpoint.keep_last=100", *args.overrides]
-    results = {}
-    for name, overrides in variants(args.steps).items():
-        recipe = load_recipe(None, common + overrides)
-        run_dir = args.out / name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        console.print(f"[bold]{name}[/]: {' '.join(overrides) or '(the recipe as it is)'}")
-        summary = train(recipe, run_dir, Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps, live=False))
-        results[name] = {"eval_loss": summary["last eval loss"], "restarts": summary["restarts"],
-                         "tokens": summary["tokens"], "seconds": summary["seconds"], "run_dir": str(run_dir)}
+    results = {name: run_method(name, common + overrides, args.out, console)
+               for name, overrides in variants(args.steps, args.restart_every).items()}
 
     full, lora = results["full-rank"]["eval_loss"], results["LoRA"]["eval_loss"]
     table = Table(title=f"tiny_cpu recipe, {args.steps} steps x {results['LoRA']['tokens'] // args.steps:,} tokens "
