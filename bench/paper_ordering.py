@@ -4,7 +4,7 @@ ReLoRA (nf4 base and unquantized base); writes results/paper_ordering/summary.js
 (metrics and checkpoints, for `lean-relora report RUN_DIR ... --spectrum`); then the update rank of one weight matrix
 (singular values of W_end - W_start) for LoRA and ReLoRA from the same warm start.
 
-    .venv/bin/python bench/paper_ordering.py [--steps 300] [--restart-every 120] [--set section.key=value ...]
+    .venv/bin/python bench/paper_ordering.py [--steps 300] [--restart-every 120] [--only METHOD ...] [--set ...]
 
 The recipe's schedule is kept (60 full-rank warm-start steps, a 2-step re-warm) except ReLoRA's cycle length: 120
 steps here, so 2 cycles follow the warm start. bench/sweep.py measures how cycle length and re-warm move
@@ -61,14 +61,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
     parser.add_argument("--restart-every", type=int, default=120, help="ReLoRA cycle length in steps")
+    parser.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods (full-rank and LoRA are "
+                        "always run: they define the gap)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for all runs")
     parser.add_argument("--out", type=Path, default=Path("results/paper_ordering"))
     args = parser.parse_args()
 
     console = Console(width=150)
     common = [f"train.max_steps={args.steps}", "checkpoint.every=60", "checkpoint.keep_last=100", *args.overrides]
-    results = {name: run_method(name, common + overrides, args.out, console)
-               for name, overrides in variants(args.steps, args.restart_every).items()}
+    chosen = {name: overrides for name, overrides in variants(args.steps, args.restart_every).items()
+              if not args.only or name in (*args.only, "full-rank", "LoRA")}
+    results = {name: run_method(name, common + overrides, args.out, console) for name, overrides in chosen.items()}
 
     full, lora = results["full-rank"]["eval_loss"], results["LoRA"]["eval_loss"]
     table = Table(title=f"tiny_cpu recipe, {args.steps} steps x {results['LoRA']['tokens'] // args.steps:,} tokens "
@@ -89,7 +92,7 @@ def main() -> None:
     for column in ("method", "LoRA rank", "non-zero singular values (> 1e-6 of the largest)",
                    "effective rank (> 1% of the largest)"):
         ranks.add_column(column, justify="right")
-    for name in ("LoRA + warm start", "ReLoRA (nf4 base)", "ReLoRA (unquantized base)"):
+    for name in [n for n in ("LoRA + warm start", "ReLoRA (nf4 base)", "ReLoRA (unquantized base)") if n in results]:
         found = spectrum(results[name]["run_dir"], "model.layers.0.mlp.down_proj")
         normalized = found.singular_values / found.singular_values[0]
         results[name]["update_rank"] = {"nonzero": int((normalized > 1e-6).sum()), "effective": found.effective_rank}
