@@ -169,7 +169,7 @@ def _sync_dir(path: Path) -> None:
 def _prune(root: Path, keep_last: int, step: int) -> None:
     """Remove the oldest checkpoints before `step` so that keep_last remain (later-numbered ones, left by a resume
     from an older checkpoint, are not this run's to delete). Renamed first so a half-deleted one is never read."""
-    older = sorted((p for p in root.iterdir() if NAME.fullmatch(p.name) and _step(p) < step), key=_step)
+    older = [p for p in listed(root) if step_of(p) < step]
     for path in older[: max(0, len(older) - (keep_last - 1))]:
         trash = root / f".trash-{path.name}"
         path.rename(trash)
@@ -223,8 +223,7 @@ def find_latest(run_dir: Path, checksums: bool = True) -> tuple[Path, list[str]]
     """The newest intact checkpoint of a run (the one `latest` names, else by step) and the problems of any newer
     ones that were skipped."""
     root = Path(run_dir) / CHECKPOINTS
-    paths = sorted((p for p in root.iterdir() if NAME.fullmatch(p.name)), key=_step, reverse=True) \
-        if root.is_dir() else []
+    paths = listed(root)[::-1]
     pointer = _pointer(root)
     paths.sort(key=lambda p: p.name != pointer)  # stable: the pointed-to first, then newest first
     problems = []
@@ -263,8 +262,14 @@ def _pointer(root: Path) -> str | None:
         return None
 
 
-def _step(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The optimizer step a checkpoint directory is named for."""
     return int(NAME.fullmatch(path.name).group(1))
+
+
+def listed(root: Path) -> list[Path]:
+    """The checkpoint directories in `root` (RUN_DIR/checkpoints), oldest first, intact or not."""
+    return sorted((p for p in root.iterdir() if NAME.fullmatch(p.name)), key=step_of) if root.is_dir() else []
 
 
 # ----------------------------------------------------------------------------------------------- load

@@ -236,12 +236,8 @@ def _oldest_dense(run_dir: Path, before: Path) -> Path | None:
     """The oldest intact checkpoint before `before` that holds a dense model (state.json "relora": false)."""
     from lean_relora import checkpoint
 
-    def step(path: Path) -> int:
-        return int(checkpoint.NAME.fullmatch(path.name).group(1))
-
-    root = run_dir / checkpoint.CHECKPOINTS
-    for path in sorted((p for p in root.iterdir() if checkpoint.NAME.fullmatch(p.name)), key=step):
-        if step(path) >= step(before):
+    for path in checkpoint.listed(run_dir / checkpoint.CHECKPOINTS):
+        if checkpoint.step_of(path) >= checkpoint.step_of(before):
             break
         try:
             checkpoint.verify(path)
