@@ -171,6 +171,11 @@ SourceArg = Annotated[Path, typer.Argument(
     show_default=False)]
 
 
+def _warn_skipped(console: Console, problems: list[str]) -> None:
+    for problem in problems:
+        console.print(f"warning: skipped damaged checkpoint: {problem}", highlight=False, soft_wrap=True)
+
+
 @app.command("export")
 def export_(
     source: SourceArg,
@@ -191,8 +196,7 @@ def export_(
         trained = export_model(source, out_dir, dtype)
     except (CheckpointError, ExportError, RecipeError, OSError) as e:
         _fail(console, str(e))
-    for problem in trained.problems:
-        console.print(f"warning: skipped damaged checkpoint: {problem}", highlight=False, soft_wrap=True)
+    _warn_skipped(console, trained.problems)
     console.print(f"exported {trained.path} to {out_dir} ({dtype}); load it with "
                   "transformers.AutoModelForCausalLM.from_pretrained", highlight=False, soft_wrap=True)
 
@@ -215,8 +219,7 @@ def eval_(
         result = evaluate_checkpoint(source, data)
     except (CheckpointError, ExportError, RecipeError, DataError) as e:
         _fail(console, str(e))
-    for problem in result["problems"]:
-        console.print(f"warning: skipped damaged checkpoint: {problem}", highlight=False, soft_wrap=True)
+    _warn_skipped(console, result["problems"])
     typer.echo(f"{result['checkpoint']} (step {result['step']}): eval loss {result['eval_loss']:.4f}, "
                f"perplexity {result['eval_ppl']:.2f} on {result['tokens']:,} tokens")
 
@@ -248,13 +251,12 @@ def report_(
         report.pyplot()
         if layer is not None and not spectrum:
             raise UserError(f"--layer {layer}: only used with --spectrum; add --spectrum")
-        for run_dir in run_dirs:  # every input is checked before any file is written
-            report.read_metrics(run_dir)
+        runs = report.read_runs(run_dirs)  # every input is checked before any file is written
         report.out_directory(out, create=False)
         spectra = []
         if spectrum:  # the slow part, and it may still find bad input (no checkpoint, unknown layer)
             spectra = [report.spectrum(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
-        paths = report.plot_runs(run_dirs, out)
+        paths = report.plot_runs(runs, out)
         if spectra:
             paths.append(report.plot_spectrum(spectra, out))
     except (report.ReportError, CheckpointError, RecipeError, UserError) as e:

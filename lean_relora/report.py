@@ -161,9 +161,13 @@ def out_directory(out_dir: str | Path, create: bool = True) -> Path:
     return out_dir
 
 
-def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """loss.png, lr.png and throughput.png of the runs, overlaid, in out_dir. Returns their paths."""
-    runs = {label: read_metrics(d) for label, d in zip(labels(run_dirs), run_dirs)}
+def read_runs(run_dirs: list[str | Path]) -> dict[str, dict[str, list[dict]]]:
+    """Each run's records (read_metrics) under its legend label."""
+    return {label: read_metrics(d) for label, d in zip(labels(run_dirs), run_dirs)}
+
+
+def plot_runs(runs: dict[str, dict[str, list[dict]]], out_dir: str | Path) -> list[Path]:
+    """loss.png, lr.png and throughput.png of the runs (read_runs), overlaid, in out_dir. Returns their paths."""
     out_dir = out_directory(out_dir)
     return [save(loss_figure(runs), out_dir / "loss.png"),
             save(step_figure(runs, "lr", "learning rate", "learning rate"), out_dir / "lr.png"),
