@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from lean_relora.progress import Reporter
-from lean_relora.recipe import load_recipe
-from lean_relora.train import train
+from paper_ordering import run_method
+
 
 VARIANTS = {
     "none (exact base)": ["lora.quant='none'"],
@@ -37,15 +35,11 @@ def main() -> None:
     console = Console(width=150)
     results = {}
     for name, overrides in VARIANTS.items():
-        recipe = load_recipe(None, args.overrides + overrides)
-        run_dir = args.out / (name.split()[0] + ("-naive" if "naive" in name else ""))
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        console.print(f"[bold]{name}[/]: {' '.join(overrides)}")
-        summary = train(recipe, run_dir, Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps, live=False))
-        restarts = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        run = run_method(name, args.overrides + overrides, args.out, console,
+                         directory=name.split()[0] + ("-naive" if "naive" in name else ""))
+        restarts = [json.loads(line) for line in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         retention = [r["retention"] for r in restarts if "retention" in r]
-        results[name] = {"last_eval_loss": summary["last eval loss"], "seconds": summary["seconds"],
+        results[name] = {"last_eval_loss": run["eval_loss"], "seconds": run["seconds"],
                          "retention_at_restarts": retention}
 
     reference = results["none (exact base)"]["last_eval_loss"]

@@ -41,10 +41,12 @@ def variants(steps: int, restart_every: int) -> dict[str, list[str]]:
     }
 
 
-def run_method(name: str, overrides: list[str], out: Path, console: Console) -> dict:
-    """Train the embedded recipe with `overrides` into out/<name as a directory>; its final eval loss and counts."""
+def run_method(name: str, overrides: list[str], out: Path, console: Console, directory: str | None = None) -> dict:
+    """Train the embedded recipe with `overrides` into out/<directory, by default the name made a directory name>;
+    its final eval loss and counts."""
     recipe = load_recipe(None, overrides)
-    run_dir = out / name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus").replace(",", "")
+    directory = directory or name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
+    run_dir = out / directory.replace(",", "")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     console.print(f"[bold]{name}[/]: {' '.join(overrides)}")
