@@ -120,7 +120,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     """The per-parameter state in param_groups order: tensors as "<index>.<key>" copied to ordinary CPU memory (paged
     bnb state included; 8-bit codes, absmax and qmaps as they are), and per parameter its shape and scalar state."""
     tensors, params = {}, []
-    for i, p in enumerate(_params(optimizer)):
+    for i, p in enumerate(optimizer_params(optimizer)):
         scalars = {}
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
@@ -136,7 +136,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     """The inverse of optimizer_state, into a freshly built optimizer over the same parameters. Dtypes are kept as
     saved (torch's load_state_dict would cast bnb's fp32 state of small bf16 parameters to bf16), and state that bnb
     pages is allocated paged again. The param groups' hyper-parameters stay those of the recipe."""
-    own = _params(optimizer)
+    own = optimizer_params(optimizer)
     if [list(p.shape) for p in own] != [d["shape"] for d in params]:
         raise ValueError(f"the optimizer holds {len(own)} parameters with other shapes than the saved {len(params)}")
     grouped: dict[int, dict] = {i: dict(d["scalars"]) for i, d in enumerate(params)}
@@ -153,5 +153,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             optimizer.state[own[i]] = state
 
 
-def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter the optimizer updates, in param_groups order (the order its saved state is indexed by)."""
     return [p for group in optimizer.param_groups for p in group["params"]]

@@ -22,7 +22,7 @@ from torch import nn
 from lean_relora import checkpoint
 from lean_relora.data import PackedData, build_data
 from lean_relora.model import DTYPES, build_model
-from lean_relora.optim import build_optimizer, reset_state, set_lr
+from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter
 from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, wrap_model
@@ -175,7 +175,7 @@ def train_step(run: Run) -> float:
         state.micro_batches += 1
         state.tokens += ids.numel()
     loss = total.item() / recipe.train.grad_accum_steps
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    params = optimizer_params(run.optimizer)
     # The norm is taken even without clipping (an infinite max_norm scales by exactly 1): a finite loss can still
     # give an inf gradient, and one such update would leave NaN weights behind.
     norm = nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip or math.inf)
