@@ -32,7 +32,6 @@ import shutil
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,9 +41,7 @@ from safetensors.torch import load_file, save_file
 from lean_relora.optim import load_optimizer_state, optimizer_state
 from lean_relora.quant import FrozenBase
 from lean_relora.recipe import Recipe, load_recipe
-
-if TYPE_CHECKING:
-    from lean_relora.train import Run
+from lean_relora.state import Run
 
 FORMAT = 1
 CHECKPOINTS, LATEST = "checkpoints", "latest"

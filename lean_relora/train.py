@@ -13,35 +13,22 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lean_relora import checkpoint
-from lean_relora.data import PackedData, build_data
+from lean_relora.data import build_data
 from lean_relora.model import DTYPES, build_model
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter
 from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, wrap_model
 from lean_relora.schedule import JaggedCosine
+from lean_relora.state import Run, TrainState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Counters of a run; the data position is `micro_batches` (see PackedData.train_batch)."""
-
-    step: int = 0  # optimizer steps done
-    restarts: int = 0  # merges done
-    tokens: int = 0  # tokens trained on
-    micro_batches: int = 0  # micro-batches consumed
-    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every evaluation
-    skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (counted in `step`, no update made)
-    bad_steps: int = 0  # of those, how many in a row up to now
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,18 +61,6 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-@dataclass
-class Run:
-    recipe: Recipe
-    device: torch.device
-    data: PackedData
-    model: nn.Module
-    optimizer: torch.optim.Optimizer | None
-    schedule: JaggedCosine
-    generator: torch.Generator  # LoRA (re)initialisation and random optimizer reset
-    state: TrainState
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,40 @@
+"""The state of a run that the loop, checkpoints and tools share: counters and the built objects.
+
+It sits below train.py and checkpoint.py so that both can name it without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lean_relora.data import PackedData
+from lean_relora.recipe import Recipe
+from lean_relora.schedule import JaggedCosine
+
+
+@dataclass
+class TrainState:
+    """Counters of a run; the data position is `micro_batches` (see PackedData.train_batch)."""
+
+    step: int = 0  # optimizer steps done
+    restarts: int = 0  # merges done
+    tokens: int = 0  # tokens trained on
+    micro_batches: int = 0  # micro-batches consumed
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every evaluation
+    skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (counted in `step`, no update made)
+    bad_steps: int = 0  # of those, how many in a row up to now
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    device: torch.device
+    data: PackedData
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    schedule: JaggedCosine
+    generator: torch.Generator  # LoRA (re)initialisation and random optimizer reset
+    state: TrainState
