@@ -4,7 +4,7 @@ quantization API.
 Formats: nf4 / fp4 (bnb 4-bit blockwise, optional double quantization of the absmax statistics), int8 (bnb row-wise
 absmax int8, the LLM.int8() weight format) and none (a plain frozen bf16/fp32 tensor).
 
-We call bnb's functional API (`quantize_4bit`, `matmul_4bit`, `int8_vectorwise_quant`, `bnb.matmul`) rather than
+We call bnb's functional API (`quantize_4bit`, `matmul_4bit`, `int8_vectorwise_quant`) rather than
 wrap `Linear4bit`/`Linear8bitLt`: those modules keep state in parameter subclasses that a merge has to patch from the
 outside (a `.data` assignment leaves `quant_state`/`CB`/`SCB` stale), repack 4-bit weights in place for CPU inference,
 and cannot be built under FakeTensorMode. Here the whole stored form is replaced at once by `load_dense`.
@@ -37,10 +37,11 @@ class FrozenBase(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", None if bias is None else bias.detach().to(weight.device, dtype, copy=True))
         self.quant_state: bnbf.QuantState | None = None
-        # The master stays in host memory whatever device the module moves to: it is not a buffer.
+        # The master stays in host memory whatever device the module moves to: it is not a buffer. It is pageable,
+        # not pinned: torch's caching host allocator rounds every pinned block up to a power of two and keeps freed
+        # blocks (a 7B model's 172 MiB MLP masters would take 256 MiB each), and page-locking tens of GB starves the
+        # rest of a desktop. A merge copies one layer per restart, where pinning would save milliseconds.
         self.master = weight.detach().to("cpu", torch.float32, copy=True) if keep_master else None
-        if self.master is not None and torch.cuda.is_available():
-            self.master = self.master.pin_memory()
         self.load_dense(weight)
         self.probe = RetentionProbe(self.dequantize())
 
@@ -50,6 +51,9 @@ class FrozenBase(nn.Module):
         if self.quant in FOUR_BIT:
             packed, state = bnbf.quantize_4bit(dense.contiguous(), blocksize=self.blocksize, quant_type=self.quant,
                                                compress_statistics=self.double_quant, quant_storage=torch.uint8)
+            # bnb records the quantized tensor's dtype and dequantizes to it in backward; from the fp32 master that
+            # would build a dense fp32 weight in every backward: compute in the model's dtype instead.
+            state.dtype = self.dtype
             self._set_buffer("packed", packed)
             self.quant_state = state
         elif self.quant == "int8":
@@ -94,10 +98,12 @@ class FrozenBase(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return bnb.matmul_4bit(x, self.packed, quant_state=self.quant_state, bias=bias)
         if self.quant == "int8":
-            state = bnb.MatmulLtState()
-            state.CB, state.SCB, state.has_fp16_weights, state.is_training = self.codes, self.row_absmax, False, self.training
+            # Not bnb.matmul: with threshold 0 it quantizes the activations to int8 on CUDA and in CPU eval mode
+            # (0.8-6% output error, and an fp16 cast that overflows bf16 activations) but not in CPU training.
+            # The weight is int8; the activations stay as they are, on every device and in every mode.
+            x = x.to(compute_dtype(x))
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            return bnb.matmul(x, self.codes, state=state, bias=bias).to(x.dtype)
+            return Int8WeightLinear.apply(x, self.codes, self.row_absmax, bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -138,6 +144,7 @@ class FrozenBase(nn.Module):
         quant = {k[len("quant_state."):]: v for k, v in tensors.items() if k.startswith("quant_state.")}
         if quant:
             self.quant_state = bnbf.QuantState.from_dict(quant, device=self.device)
+            self.quant_state.dtype = self.dtype  # checkpoints of older versions recorded the master's fp32
         if self.master is not None:
             self.master.copy_(tensors["master"] if "master" in tensors else self.dequantize().cpu())
 
@@ -157,6 +164,35 @@ class FrozenBase(nn.Module):
     def extra_repr(self) -> str:
         master = ", fp32 master in host RAM" if self.master is not None else ""
         return f"{self.in_features} -> {self.out_features}, quant={self.quant}{master}"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: autocast's where it is on, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def int8_weight(codes: torch.Tensor, row_absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of bnb's row-wise int8 format, codes * absmax / 127, built directly in `dtype` (int8 codes
+    are exact in bf16) so the transient is one weight of the compute dtype, not an fp32 one."""
+    return codes.to(dtype) * (row_absmax / 127).to(dtype).unsqueeze(1)
+
+
+class Int8WeightLinear(torch.autograd.Function):
+    """y = x W^T + b with W stored as int8 codes and row absmax. Backward rebuilds W instead of saving it: a saved
+    dense copy per layer would hold more memory than all the int8 weights."""
+
+    @staticmethod
+    def forward(ctx, x, codes, row_absmax, bias):
+        ctx.save_for_backward(codes, row_absmax)
+        return F.linear(x, int8_weight(codes, row_absmax, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        codes, row_absmax = ctx.saved_tensors
+        grad_x = grad_out @ int8_weight(codes, row_absmax, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
 
 
 def quant_state_tensors(state: bnbf.QuantState) -> list[torch.Tensor]:

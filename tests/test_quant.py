@@ -3,6 +3,7 @@ import torch
 
 from lean_relora.fidelity import simulate_restarts
 from lean_relora.quant import FrozenBase
+from lean_relora.trace import LiveBytes
 
 QUANTS = ["nf4", "fp4", "int8", "none"]
 # Max |error| of y = x W^T relative to max |y|, per format, for W ~ N(0, 0.02): 4-bit has ~16 levels per block.
@@ -90,3 +91,63 @@ def test_retention_probe_estimates_the_exact_retention(keep_master):
     # one 1024 x 1024 layer; a model sums the probes of all its layers, which averages the sampling noise down
     result = simulate_restarts("nf4", keep_master=keep_master, relative_delta=2e-2)
     assert abs(result.probe_retention - result.retention) < 0.1
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_four_bit_computes_in_the_model_dtype_after_a_merge_from_the_fp32_master(quant, dtype):
+    # bnb records the dtype of the tensor it quantized and dequantizes to it in backward: a merge from the fp32
+    # master must not turn every later backward into a dense fp32 weight.
+    base = FrozenBase(weight(256, 512).to(dtype), None, quant, keep_master=True, dtype=dtype)
+    base.add_low_rank_(torch.randn(256, 4) * 1e-3, torch.randn(4, 512), 1.0)
+    assert base.quant_state.dtype == dtype
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_backward_transient_is_the_same_before_and_after_a_merge(quant):
+    base = FrozenBase(weight(1024, 1024).bfloat16(), None, quant, keep_master=True, dtype=torch.bfloat16)
+    x = torch.randn(4, 1024, dtype=torch.bfloat16, requires_grad=True)
+
+    def backward_peak() -> int:
+        with LiveBytes(x) as tracker:
+            base(x).sum().backward()
+        return tracker.peak
+
+    before = backward_peak()
+    base.add_low_rank_(torch.randn(1024, 4) * 1e-3, torch.randn(4, 1024), 1.0)
+    assert backward_peak() == before
+
+
+def test_int8_base_computes_the_same_function_in_train_and_eval_mode():
+    # bnb's int8 matmul quantizes the activations per row in eval mode (and always on CUDA) but not in CPU
+    # training; the base must compute one function everywhere: the int8 weight times unquantized activations.
+    w = weight()
+    w[:, :4] *= 30  # outlier weight columns ...
+    base = FrozenBase(w, None, "int8", dtype=torch.float32)
+    x = torch.randn(8, 128)
+    x[:, :4] *= 100  # ... and outlier activation channels, where int8 activations lose the most
+    base.train()
+    in_training = base(x)
+    base.eval()
+    torch.testing.assert_close(base(x), in_training, rtol=0, atol=0)
+    torch.testing.assert_close(in_training, x @ base.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_base_does_not_overflow_on_large_bf16_activations():
+    # bnb's int8 path casts activations to fp16 (max 65504); bf16 activations reach far beyond that
+    base = FrozenBase(weight(), None, "int8", dtype=torch.bfloat16)
+    x = torch.full((2, 128), 1e6, dtype=torch.bfloat16)
+    for training in (True, False):
+        base.train(training)
+        assert torch.isfinite(base(x)).all()
+
+
+def test_int8_backward_keeps_no_dense_weight_alive():
+    # the dequantized weight is rebuilt in backward, not saved: a saved dense copy of every layer would cost
+    # more activation memory than the int8 weights themselves
+    base = FrozenBase(weight(1024, 1024), None, "int8", dtype=torch.bfloat16)
+    x = torch.randn(2, 1024, dtype=torch.bfloat16, requires_grad=True)
+    with LiveBytes(x) as tracker:
+        y = base(x)
+        held = tracker.current - x.untyped_storage().nbytes() - y.untyped_storage().nbytes()
+    assert held < 1024 * 1024  # well under the 2 MiB of a dense bf16 copy
