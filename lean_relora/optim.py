@@ -69,16 +69,19 @@ def moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Te
         return tuple(state[k].float() for k in TORCH_MOMENTS)
     out = []
     for codes_key, absmax_key, map_key in MOMENTS:
-        codes = state[codes_key]
+        codes = state[codes_key].to(p.device)  # see _store_moments: paged state is copied, never computed on
         if codes.dtype != torch.uint8:  # bnb keeps tensors under 4096 elements in fp32
             out.append(codes.float())
         else:
-            out.append(bnbf.dequantize_blockwise(codes, absmax=state[absmax_key], code=state[map_key],
-                                                 blocksize=BNB_BLOCKSIZE))
+            out.append(bnbf.dequantize_blockwise(codes, absmax=state[absmax_key].to(p.device),
+                                                 code=state[map_key].to(p.device), blocksize=BNB_BLOCKSIZE))
     return tuple(out)
 
 
 def _store_moments(optimizer: torch.optim.Optimizer, p: torch.Tensor, *values: torch.Tensor) -> None:
+    """Write moments computed on p's device back into the optimizer's own buffers with copy_. A paged bnb buffer is
+    a CPU-device tensor over CUDA unified memory: handed to a bnb function it would make bnb run a CUDA kernel on a
+    host pointer, so the arithmetic happens on a device copy and only copy_ touches the paged buffer."""
     state = optimizer.state[p]
     if TORCH_MOMENTS[0] in state:
         for key, value in zip(TORCH_MOMENTS, values):
@@ -89,7 +92,7 @@ def _store_moments(optimizer: torch.optim.Optimizer, p: torch.Tensor, *values: t
         if codes.dtype != torch.uint8:
             codes.copy_(value)
             continue
-        qmap = state[map_key]
+        qmap = state[map_key].to(value.device)
         new_codes, quant = bnbf.quantize_blockwise(value, code=qmap, blocksize=BNB_BLOCKSIZE)
         # bnb's quantizer sends 0 to a tiny non-zero neighbour code; pruned entries get the map's exact zero.
         new_codes[value == 0] = qmap.abs().argmin().to(torch.uint8)
@@ -147,10 +150,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             buffer = optimizer.get_state_buffer(p, dtype=value.dtype)  # paged where bnb would page it
             buffer.copy_(value)
             value = buffer
-        grouped[int(index)][key] = value if getattr(value, "is_paged", False) else value.to(p.device)
+        grouped[int(index)][key] = value if getattr(value, "is_paged", False) else value.to(state_device(
+            optimizer, p, key))
     for i, state in grouped.items():
         if state:
             optimizer.state[own[i]] = state
+
+
+def state_device(optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.device:
+    """Where the optimizer itself keeps state `key` of `p`: torch's AdamW keeps its `step` counter on the CPU (unless
+    capturable or fused); on the GPU it would cost a host sync per parameter per step. Everything else on p's
+    device."""
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    if key == "step" and not (group.get("capturable") or group.get("fused")):
+        return torch.device("cpu")
+    return p.device
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

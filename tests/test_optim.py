@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from lean_relora.optim import build_optimizer, moments, reset_state
+from lean_relora.optim import build_optimizer, load_optimizer_state, moments, optimizer_state, reset_state
 from lean_relora.recipe import OptimConfig
 
 SHAPE = (64, 128)  # 8192 elements: above bnb's 4096-element threshold, so the state is really 8-bit
@@ -106,3 +106,28 @@ def test_build_optimizer_decays_matrices_only(tiny_llama, name, cls):
     assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_restored_adamw_keeps_its_step_counter_where_torch_keeps_it(capturable):
+    # torch's AdamW keeps `step` on the CPU unless capturable; restored onto the parameter's device (a GPU in
+    # practice, meta here: any device but the CPU shows it), every step would sync the host once per parameter.
+    p, opt, _, _ = stepped(torch.optim.AdamW)
+    tensors, params = optimizer_state(opt)
+    target = nn.Parameter(torch.empty(SHAPE, device="meta"))
+    restored = torch.optim.AdamW([target], lr=1e-3, capturable=capturable)
+    load_optimizer_state(restored, tensors, params)
+    state = restored.state[target]
+    assert state["step"].device.type == ("meta" if capturable else "cpu")
+    assert state["exp_avg"].device.type == state["exp_avg_sq"].device.type == "meta"
+
+
+def test_state_round_trip_keeps_bnb_codes_and_dtypes():
+    p, opt, _, _ = stepped(bnb.optim.AdamW8bit)
+    tensors, params = optimizer_state(opt)
+    twin = nn.Parameter(p.detach().clone())
+    restored = bnb.optim.AdamW8bit([twin], lr=1e-3)
+    load_optimizer_state(restored, tensors, params)
+    for key, value in opt.state[p].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(restored.state[twin][key], value) and restored.state[twin][key].dtype == value.dtype
