@@ -71,7 +71,8 @@ def train(
         "--run-dir", help="Directory for metrics, tokenizer and checkpoints \\[default: runs/<recipe>-<time>].",
         show_default=False)] = None,
     max_steps: Annotated[Optional[int], typer.Option(
-        "--max-steps", help="Stop after this many optimizer steps (overrides train.max_steps).",
+        "--max-steps", help="Stop after this optimizer step and save a checkpoint; the learning-rate schedule still "
+        "runs to train.max_steps, so --resume auto later continues exactly as if never stopped.",
         show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option(
         "--resume", help="Continue a run from 'auto' (the newest intact checkpoint of --run-dir), a checkpoint or a "
@@ -88,7 +89,7 @@ def train(
     from lean_relora.train import TrainingDiverged
     from lean_relora.train import train as run_training
 
-    overrides = list(set_ or []) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
+    overrides = list(set_ or [])
     try:
         if max_steps is not None and max_steps < 1:
             raise UserError(f"--max-steps {max_steps}: must be >= 1")
@@ -106,7 +107,7 @@ def train(
         if not force:
             _refuse_if_it_does_not_fit(loaded)
         console.print(f"run dir: {run_dir}", highlight=False)
-        run_training(loaded, run_dir, resume=resume, force=force)
+        run_training(loaded, run_dir, resume=resume, force=force, stop_at=max_steps)
     except (RecipeError, DataError, UserError, CheckpointError) as e:
         _fail(console, str(e))
     except (CheckpointSaveError, TrainingDiverged) as e:  # not bad input: the run itself failed

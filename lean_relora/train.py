@@ -179,30 +179,38 @@ def evaluate(run: Run) -> float:
 
 
 def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None, resume: str | Path | None = None,
-          force: bool = False) -> dict:
-    """Run the recipe to `train.max_steps`; metrics go to run_dir/metrics.jsonl. Returns the summary.
+          force: bool = False, stop_at: int | None = None) -> dict:
+    """Run the recipe to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint: the schedule still
+    ends at train.max_steps, so a run stopped there and resumed is the uninterrupted run); metrics go to
+    run_dir/metrics.jsonl. Returns the summary.
 
     Checkpoints go to run_dir/checkpoints every `checkpoint.every` steps, at the end, and when SIGINT/SIGTERM stops
     the run (after the current step; the summary then has "stopped by"). `resume`: "auto" (the newest intact
     checkpoint of run_dir), a checkpoint or a run directory; `force` accepts recipe changes that alter the run."""
     with StopRequest() as stop:
-        return _train(recipe, Path(run_dir), reporter, resume, force, stop)
+        return _train(recipe, Path(run_dir), reporter, resume, force, stop, stop_at or recipe.train.max_steps)
 
 
-def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, force: bool, stop: StopRequest) -> dict:
+def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, force: bool, stop: StopRequest,
+           end: int) -> dict:
+    if end > recipe.train.max_steps:
+        raise RecipeError(f"--max-steps {end}: beyond train.max_steps ({recipe.train.max_steps}), where the learning "
+                          f"rate schedule ends; to train longer raise it: --set train.max_steps={end}")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
     found = _check_resume(recipe, run_dir, resume, force) if resume is not None else None
     run = setup(recipe, run_dir)
-    reporter = reporter or Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps)
+    reporter = reporter or Reporter(run_dir / "metrics.jsonl", end)
     saved_step = _resume(run, *found, reporter) if found is not None else None
     state, schedule = run.state, run.schedule
+    if state.step >= end and end < recipe.train.max_steps:
+        raise RecipeError(f"--max-steps {end}: the run is already at step {state.step}; give a later step")
     if resume is None:
         _eval(run, reporter)
     window_start, window_tokens = time.perf_counter(), state.tokens
     stop.arm()
-    while state.step < recipe.train.max_steps:
+    while state.step < end:
         if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
@@ -221,7 +229,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                     f"step {state.step}: {state.bad_steps} steps in a row had a NaN/inf loss or gradient "
                     f"(checkpoint.max_bad_steps = {limit}); the weights and optimizer state of the last good step are "
                     f"saved in {path}; lower optim.lr (needs --force) or raise the limit, then --resume auto")
-        if state.step % recipe.log.every == 0 or state.step == recipe.train.max_steps:
+        if state.step % recipe.log.every == 0 or state.step == end:
             now = time.perf_counter()
             speed = (state.tokens - window_tokens) / max(now - window_start, 1e-9)
             window_start, window_tokens = now, state.tokens
@@ -229,10 +237,10 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                            "tokens_per_s": speed, "restarts": state.restarts}, schedule.steps_to_restart(state.step))
         if stop.signal:
             break
-        if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < recipe.train.max_steps:
+        if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < end:
             _eval(run, reporter)
         every = recipe.checkpoint.every
-        if every and state.step % every == 0 and state.step < recipe.train.max_steps:
+        if every and state.step % every == 0 and state.step < end:
             checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
             saved_step = state.step
     if saved_step != state.step:
@@ -243,6 +251,9 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                       f"lean-relora train --run-dir {run_dir} --resume auto")
     else:
         _eval(run, reporter)
+        if state.step < recipe.train.max_steps:
+            reporter.line(f"step {state.step}: stopped at --max-steps {end} of {recipe.train.max_steps}; continue "
+                          f"with: lean-relora train --run-dir {run_dir} --resume auto")
     (_, first), (_, last) = state.eval_losses[0], state.eval_losses[-1]
     summary = {"steps": state.step, "restarts": state.restarts, "tokens": state.tokens,
                "first eval loss": first, "last eval loss": last, "seconds": time.perf_counter() - started,

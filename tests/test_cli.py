@@ -92,6 +92,8 @@ def test_malformed_recipe_exits_2_with_one_line(tmp_path, body, message):
 @pytest.mark.parametrize("args,message", [
     (["--set", "lora.rank"], "error: --set 'lora.rank': expected section.key=value, e.g. --set lora.rank=16"),
     (["--max-steps", "0"], "error: --max-steps 0: must be >= 1"),
+    (["--max-steps", "8"], "error: --max-steps 8: beyond train.max_steps (7), where the learning rate schedule ends; "
+                           "to train longer raise it: --set train.max_steps=8"),
     (["--set", "data.source=/no/such/corpus.txt"], None),
     (["--set", "lora.targets=['nothing']"], None),
 ])

@@ -75,7 +75,8 @@ def test_sigterm_stops_a_training_subprocess_that_resumes_to_the_same_losses(tin
 
 
 def test_resume_auto_continues_with_safe_changes_and_reports_them(run):
-    code, output = invoke("train", "--run-dir", run, "--resume", "auto", "--max-steps", 9, "--set", "log.every=2")
+    code, output = invoke("train", "--run-dir", run, "--resume", "auto", "--set", "train.max_steps=9",
+                          "--set", "log.every=2")
     assert code == 0, output
     assert "resuming with changed train.max_steps (7 -> 9), log.every (1 -> 2)" in " ".join(output.split())
     assert [s for s, _ in losses(run)] == list(range(1, 8)) + [8, 9]
@@ -90,7 +91,7 @@ def test_a_recipe_change_that_alters_the_run_exits_2_naming_the_keys_unless_forc
                          "in data.seq_len (32 -> 16), lora.rank (4 -> 8); these change the run: resume with the "
                          "checkpoint's recipe (omit RECIPE) or pass --force")
     code, output = invoke("train", tiny, "--run-dir", run, "--resume", "auto", "--set", "optim.lr=1e-3",
-                          "--max-steps", 8, "--force")
+                          "--set", "train.max_steps=8", "--force")
     assert code == 0, output
     assert "(forced)" in output and [s for s, _ in losses(run)][-1] == 8
 
@@ -140,7 +141,7 @@ def test_bad_checkpoint_input_exits_2_with_one_line(run, tmp_path, tiny, case):
 
 def test_resume_auto_skips_a_damaged_latest_with_a_warning(run):
     damage(run)
-    code, output = invoke("train", "--run-dir", run, "--resume", "auto", "--max-steps", 8)
+    code, output = invoke("train", "--run-dir", run, "--resume", "auto", "--set", "train.max_steps=8")
     assert code == 0, output
     flat = " ".join(output.split())
     assert "skipped damaged checkpoint" in flat and "model.safetensors is truncated" in flat

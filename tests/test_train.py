@@ -107,3 +107,20 @@ def test_warm_start_as_long_as_the_run_is_a_full_rank_baseline(tmp_path, tokeniz
     assert summary["last eval loss"] < summary["first eval loss"]
     final, _ = checkpoint.find_latest(directory)
     assert checkpoint.read_state(final)["relora"] is False  # never wrapped: every weight trained dense
+
+
+def test_max_steps_stops_without_changing_the_schedule_and_resume_equals_the_uninterrupted_run(tmp_path,
+                                                                                               tokenizer_cache):
+    # --max-steps means "stop here": stopping inside the warm start and again mid-cycle, then resuming to the end,
+    # gives the very losses and learning rates of a run that was never stopped.
+    recipe = tiny_recipe(steps=20, warm_start=5, restart_every=7)
+    (tmp_path / "whole").mkdir(), (tmp_path / "pieces").mkdir()
+    whole = run_dir(tmp_path / "whole", tokenizer_cache)
+    train(recipe, whole)
+    pieces = run_dir(tmp_path / "pieces", tokenizer_cache)
+    first = train(recipe, pieces, stop_at=3)
+    assert first["steps"] == 3 and (pieces / "checkpoints" / "step-00000003").is_dir()
+    train(recipe, pieces, resume="auto", stop_at=12)
+    train(recipe, pieces, resume="auto")
+    steps = lambda d: [(r["step"], r["loss"], r["lr"]) for r in records(d / "metrics.jsonl") if "loss" in r]
+    assert steps(pieces) == steps(whole)
