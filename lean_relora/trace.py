@@ -23,7 +23,7 @@ from lean_relora.model import DTYPES, build_model
 from lean_relora.optim import build_optimizer
 from lean_relora.quant import quant_state_tensors
 from lean_relora.recipe import Recipe
-from lean_relora.relora import relora_layers, set_trainable, wrap_model
+from lean_relora.relora import merge_all, relora_layers, set_trainable, wrap_model
 
 
 class LiveBytes(TorchDispatchMode):
@@ -116,6 +116,9 @@ def trace(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch_si
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         torch.manual_seed(recipe.train.seed)
         model, optimizer = build_for_phase(recipe, vocab_size, phase)
+        # Measured after a restart, as most of a run is: a merge requantizes every base (what it records then is
+        # what the forward and backward of every later step dequantize to).
+        merge_all(model)
         model.train()
         ids = torch.randint(0, vocab_size, (micro_batch_size, recipe.data.seq_len))
         tracker = LiveBytes(*model_tensors(model), ids)

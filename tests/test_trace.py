@@ -5,6 +5,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from lean_relora.recipe import DataConfig, LoraConfig, ModelConfig, OptimConfig, Recipe, ReloraConfig, TrainConfig
+from lean_relora.relora import merge_all
 from lean_relora.trace import build_for_phase, model_tensors, run_step, trace
 
 VOCAB = 512
@@ -26,6 +27,7 @@ def measured_peak(recipe: Recipe, phase: str = "relora") -> int:
     """Peak live tensor bytes of a real steady-state CPU training step, by torch's own MemTracker."""
     torch.manual_seed(0)
     model, optimizer = build_for_phase(recipe, VOCAB, phase)
+    merge_all(model)  # the steady state of a run is after a restart, as the trace takes it
     ids = torch.randint(0, VOCAB, (recipe.train.micro_batch_size, recipe.data.seq_len))
     run_step(model, optimizer, [ids], autocast=False)  # the first step creates the optimizer state
     if recipe.train.grad_accum_steps > 1:  # later micro-batches of a step find the gradients there
@@ -45,6 +47,7 @@ CONFIGS = {
     "fp4 r4 mb8": small(quant="fp4", rank=4, micro_batch=8),
     "none ckpt": small(quant="none", checkpointing=True),
     "nf4 ckpt accum": small(checkpointing=True, accum=2),
+    "nf4 bf16": small(dtype="bf16"),
 }
 
 
