@@ -1,0 +1,99 @@
+"""Measured, not predicted: the peak device memory, step time and merge time of a recipe's model on a real device.
+
+The model is trained through the loop's own functions (train.start_relora, train_step, restart) on random tokens, so
+what is measured is what `train` runs; memory-estimate's prediction is checked against it (bench/gpu_acceptance.py,
+tests/test_cuda.py). On CUDA the peak is torch's max_memory_allocated/reserved; bitsandbytes' paged optimizer state
+lives outside torch's counters and is reported beside it. On a CPU the peak is the live tensor bytes of the same step
+(trace.LiveBytes on real tensors), which is how the measurement itself is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lean_relora.model import build_model
+from lean_relora.recipe import Recipe
+from lean_relora.schedule import JaggedCosine
+from lean_relora.state import Run, TrainState
+from lean_relora.trace import LiveBytes, model_tensors
+from lean_relora.train import restart, start_relora, train_step
+
+
+class RandomTokens:
+    """Stands in for PackedData: uniform random blocks, the same for the same micro-batch index."""
+
+    num_train_blocks = None
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+
+    def train_batch(self, index: int, batch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randint(0, self.vocab_size, (batch, self.seq_len), generator=generator)
+
+
+@dataclass
+class Measured:
+    peak_allocated: int  # bytes: torch's peak allocated during one steady-state step (CPU: live tensor bytes)
+    peak_reserved: int | None  # bytes: the caching allocator's peak reservation (CUDA only)
+    paged_bytes: int  # bytes of bnb paged optimizer state (cudaMallocManaged: outside torch's counters)
+    step_seconds: float  # median wall time of an optimizer step
+    merge_seconds: float  # wall time of one restart (merge every layer, re-init, reset the optimizer state)
+    tokens_per_step: int
+
+    @property
+    def peak(self) -> int:
+        """What memory-estimate's traced peak predicts: torch's peak plus the paged state it counts as GPU memory."""
+        return self.peak_allocated + self.paged_bytes
+
+
+def relora_run(recipe: Recipe, vocab_size: int, device: torch.device) -> Run:
+    """The ReLoRA phase of `recipe` on `device`, built as train.setup and start_relora build it, on random tokens."""
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model, vocab_size, recipe.data.seq_len)
+    r = recipe.relora
+    schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
+                            r.restart_every, r.restart_warmup_steps, r.warm_start_steps)
+    run = Run(recipe, device, RandomTokens(vocab_size, recipe.data.seq_len, recipe.train.seed), model, None,
+              schedule, torch.Generator().manual_seed(recipe.train.seed), TrainState())
+    start_relora(run)
+    return run
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
+def paged_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for t in optimizer_tensors(optimizer) if getattr(t, "is_paged", False))
+
+
+def measure(recipe: Recipe, vocab_size: int, device: torch.device | str, timed_steps: int = 3) -> Measured:
+    """Build the ReLoRA phase, take a step (the optimizer state appears), restart once (timed), take a step, then
+    measure the peak of one steady-state step and time `timed_steps` more."""
+    device = torch.device(device)
+    run = relora_run(recipe, vocab_size, device)
+    train_step(run)
+    merge_seconds = restart(run)["merge_seconds"]
+    train_step(run)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(run)
+        torch.cuda.synchronize(device)
+        allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    else:
+        with LiveBytes(*model_tensors(run.model), *optimizer_tensors(run.optimizer)) as tracker:
+            train_step(run)
+        allocated, reserved = tracker.peak, None
+    times = []
+    for _ in range(timed_steps):
+        start = time.perf_counter()
+        train_step(run)  # .item() of the loss inside waits for the device
+        times.append(time.perf_counter() - start)
+    tokens = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * recipe.data.seq_len
+    return Measured(allocated, reserved, paged_bytes(run.optimizer), statistics.median(times), merge_seconds, tokens)
