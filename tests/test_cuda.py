@@ -1,0 +1,142 @@
+"""The CUDA path: what a CPU cannot show. Run with `pytest -m cuda` on a machine with a GPU; skipped elsewhere.
+
+bitsandbytes takes other code paths on CUDA than on a CPU: paged optimizer state (a CPU-device tensor over
+cudaMallocManaged memory), CUDA quantization kernels, and torch's allocator counters for the memory estimate.
+"""
+
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from lean_relora.measure import measure
+from lean_relora.optim import load_optimizer_state, moments, optimizer_state, reset_state
+from lean_relora.quant import FrozenBase
+from lean_relora.recipe import (DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
+                                ReloraConfig, TrainConfig)
+from lean_relora.trace import trace
+from lean_relora.train import train
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (CPU-only machine)")]
+
+PAGED_SHAPE = (512, 256)  # 131,072 elements: above bnb's 1e5-element paging threshold
+
+
+def stepped_pair(steps: int = 3):
+    """The same parameter and gradients under PagedAdamW8bit and AdamW8bit on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    init = torch.randn(PAGED_SHAPE, device="cuda", generator=g)
+    paged, plain = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    opt_paged, opt_plain = bnb.optim.PagedAdamW8bit([paged], lr=1e-3), bnb.optim.AdamW8bit([plain], lr=1e-3)
+    for _ in range(steps):
+        grad = torch.randn(PAGED_SHAPE, device="cuda", generator=g)
+        paged.grad, plain.grad = grad.clone(), grad.clone()
+        opt_paged.step()
+        opt_plain.step()
+    torch.cuda.synchronize()
+    return paged, opt_paged, plain, opt_plain
+
+
+def test_paged_state_is_really_paged_and_resets_like_ordinary_state():
+    paged, opt_paged, plain, opt_plain = stepped_pair()
+    assert getattr(opt_paged.state[paged]["state1"], "is_paged", False)
+    for opt, p in ((opt_paged, paged), (opt_plain, plain)):
+        reset_state(opt, [p], "magnitude", 0.99)
+    torch.cuda.synchronize()
+    for got, want in zip(moments(opt_paged, paged), moments(opt_plain, plain)):
+        assert torch.equal(got, want)
+    grad = torch.randn(PAGED_SHAPE, device="cuda")
+    paged.grad, plain.grad = grad.clone(), grad.clone()
+    opt_paged.step()
+    opt_plain.step()
+    torch.cuda.synchronize()
+    assert torch.equal(paged, plain)
+
+
+def test_paged_state_checkpoint_round_trip_stays_paged_and_steps_identically():
+    paged, opt_paged, _, _ = stepped_pair()
+    tensors, params = optimizer_state(opt_paged)
+    twin = nn.Parameter(paged.detach().clone())
+    restored = bnb.optim.PagedAdamW8bit([twin], lr=1e-3)
+    load_optimizer_state(restored, tensors, params)
+    assert getattr(restored.state[twin]["state1"], "is_paged", False)
+    grad = torch.randn(PAGED_SHAPE, device="cuda")
+    paged.grad, twin.grad = grad.clone(), grad.clone()
+    opt_paged.step()
+    restored.step()
+    torch.cuda.synchronize()
+    assert torch.equal(paged, twin)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+def test_frozen_base_forward_merge_and_requantize_on_cuda(quant):
+    w = torch.randn(256, 512) * 0.02
+    base = FrozenBase(w.cuda().bfloat16(), None, quant, keep_master=True, dtype=torch.bfloat16)
+    assert base.master.device.type == "cpu" and not base.master.is_pinned()
+    x = torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(base(x), x @ base.dequantize().bfloat16().t(), rtol=2e-2, atol=2e-2)
+    cpu_twin = FrozenBase(w.bfloat16(), None, quant, dtype=torch.bfloat16)
+    agree = (base.dequantize().cpu() == cpu_twin.dequantize()).float().mean()
+    assert agree > 0.999  # the CUDA and CPU kernels store the same weight
+    expected = base.master.clone()
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        up, down = torch.randn(256, 4, generator=g) * 1e-3, torch.randn(4, 512, generator=g)
+        base.add_low_rank_(up.cuda(), down.cuda(), 1.0)
+        expected += up @ down
+    torch.testing.assert_close(base.master, expected, rtol=1e-5, atol=1e-6)
+    if base.quant_state is not None:
+        assert base.quant_state.dtype == torch.bfloat16
+    kept, merged = base.probe.terms()
+    assert kept / merged > 0.9
+
+
+def test_int8_base_computes_the_same_function_in_train_and_eval_on_cuda():
+    base = FrozenBase(torch.randn(256, 512, device="cuda") * 0.02, None, "int8", dtype=torch.bfloat16)
+    x = torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)
+    x[:, :4] *= 100
+    base.train()
+    in_training = base(x)
+    base.eval()
+    assert torch.equal(base(x), in_training)
+
+
+def cuda_recipe(steps: int = 12) -> Recipe:
+    return Recipe(
+        model=ModelConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, dtype="bf16",
+                          max_position_embeddings=128),
+        data=DataConfig(source="pydoc", bpe_vocab_size=512, seq_len=64, eval_fraction=0.1),
+        lora=LoraConfig(rank=8, quant="nf4"),
+        relora=ReloraConfig(restart_every=4, restart_warmup_steps=1, warm_start_steps=2),
+        optim=OptimConfig(warmup_steps=2),
+        train=TrainConfig(max_steps=steps, micro_batch_size=4, device="cuda"),
+        eval=EvalConfig(every=0, batches=2),
+        log=LogConfig(every=1),
+    )
+
+
+def test_stopped_and_resumed_run_on_cuda_repeats_the_uninterrupted_losses(tmp_path):
+    def losses(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        train(cuda_recipe(), tmp_path / "whole")
+        train(cuda_recipe(), tmp_path / "pieces", stop_at=7)
+        train(cuda_recipe(), tmp_path / "pieces", resume="auto")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert losses(tmp_path / "pieces") == losses(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_memory_estimate_is_within_10_percent_of_the_cuda_peak(quant):
+    recipe = cuda_recipe()
+    recipe.lora.quant = quant
+    vocab = 4096
+    measured = measure(recipe, vocab, "cuda", timed_steps=1)
+    assert measured.peak == pytest.approx(trace(recipe, vocab).peak, rel=0.10)
