@@ -9,6 +9,8 @@ Layout, defined here once (RUN_DIR/checkpoints/):
       state.safetensors    "optimizer.<param index>.<key>" (8-bit codes, absmax, qmaps or fp32 moments) and "rng.*"
       state.json           counters (TrainState; data position = micro_batches), python/numpy RNG, optimizer scalars
       config.json          the Hugging Face model config (export and eval rebuild the model from it)
+      masters/<layer>.f32  with relora.master = "disk": each layer's fp32 master as of this step, a hard link to the
+                           run's immutable file of that merge generation (master.py), so no 28 GB copy per save
       recipe.toml          the recipe that made it (load_recipe reads it back; meta.json holds its digest)
       meta.json            written last: format, step, digest, library versions, bytes and sha256 of every other file
     latest                 the name of the newest complete checkpoint
@@ -38,6 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lean_relora.master import DiskMaster, link_or_copy
 from lean_relora.optim import load_optimizer_state, optimizer_state
 from lean_relora.quant import FrozenBase
 from lean_relora.recipe import Recipe, load_recipe
@@ -48,6 +51,7 @@ CHECKPOINTS, LATEST = "checkpoints", "latest"
 MODEL, BASE, TENSORS, STATE = "model.safetensors", "base.safetensors", "state.safetensors", "state.json"
 CONFIG, RECIPE, META = "config.json", "recipe.toml", "meta.json"
 OPTIMIZER_KEY, RNG_KEY = "optimizer.", "rng."  # key prefixes in state.safetensors
+MASTERS = "masters"  # disk masters of the checkpoint's merge generation, hard-linked: masters/<layer>.f32
 NAME = re.compile(r"step-(\d{8,})")
 LIBRARIES = ("lean-relora", "torch", "bitsandbytes", "transformers", "safetensors", "datasets", "numpy")
 
@@ -77,8 +81,7 @@ def save(run: Run, run_dir: Path, keep_last: int) -> Path:
         tmp.mkdir()
         files = {}
         for file, write in _writers(run):
-            write(tmp / file)
-            files[file] = _sync(tmp / file)
+            files[file] = write(tmp / file) or _sync(tmp / file)  # a linked master brings its own size and digest
         meta = {"format": FORMAT, "step": run.state.step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "recipe_digest": run.recipe.digest(), "versions": _versions(), "files": files}
         _write_text(tmp / META, json.dumps(meta, indent=1))
@@ -115,6 +118,18 @@ def _writers(run: Run):
     yield STATE, lambda path: _write_text(path, json.dumps(state))
     yield CONFIG, lambda path: _write_text(path, run.model.config.to_json_string())
     yield RECIPE, lambda path: _write_text(path, run.recipe.to_toml())
+    for name, module in modules:
+        if module.master is not None and not module.master.in_memory:
+            yield f"{MASTERS}/{name}.f32", lambda path, master=module.master: _link_master(master, path)
+
+
+def _link_master(master: DiskMaster, path: Path) -> dict:
+    """A disk master enters a checkpoint as a hard link to its immutable file: no copy, and no re-hash (the digest
+    was taken when the file was written)."""
+    path.parent.mkdir(exist_ok=True)
+    link_or_copy(master.path, path)
+    _sync_dir(path.parent)
+    return {"bytes": master.nbytes, "sha256": master.sha256}
 
 
 def _plain(tensors: dict) -> dict[str, torch.Tensor]:
@@ -289,10 +304,18 @@ def load_model_state(model: torch.nn.Module, path: Path) -> None:
         why = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{path}: does not fit the model the recipe builds ({why})") from None
     bases = load_file(Path(path) / BASE)
+    meta, generation = json.loads((Path(path) / META).read_text()), read_state(path)["train_state"]["restarts"]
+    stores = {}
     for name, module in model.named_modules():
         if isinstance(module, FrozenBase):
-            prefix = f"{name}."
-            module.load_extra_state({k[len(prefix):]: v for k, v in bases.items() if k.startswith(prefix)})
+            prefix, file = f"{name}.", f"{MASTERS}/{name}.f32"
+            module.load_extra_state({k[len(prefix):]: v for k, v in bases.items() if k.startswith(prefix)},
+                                    Path(path) / file if file in meta["files"] else None, generation,
+                                    meta["files"].get(file, {}).get("sha256", ""))
+            if isinstance(module.master, DiskMaster):
+                stores[id(module.master.store)] = module.master.store
+    for store in stores.values():  # generations written after this checkpoint (by a killed run) are not ours
+        store.collect()
 
 
 def restore(run: Run, path: Path) -> None:

@@ -67,7 +67,7 @@ def run_tokenizer(trained: Trained):
 def merged_linear(layer: ReLoRALinear) -> nn.Linear:
     """nn.Linear(W + s B A) in fp32, W from the master copy where there is one."""
     base = layer.base
-    weight = base.master.clone() if base.master is not None else base.dequantize().cpu()
+    weight = base.master.read().clone() if base.master is not None else base.dequantize().cpu()
     weight.addmm_(layer.lora_B.detach().cpu().float(), layer.lora_A.detach().cpu().float(), alpha=layer.scale)
     linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
     linear.weight = nn.Parameter(weight)

@@ -37,15 +37,21 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_token_id: i
         except (OSError, ValueError) as e:
             raise RecipeError(f"model.pretrained = {cfg.pretrained!r}: cannot be loaded ({_first_line(e)}); "
                               "give a local model directory or a reachable hub name") from None
+    else:
+        # Built in its dtype (not built in fp32 and cast): half the host memory, and it also works under FakeTensorMode.
+        model = AutoModelForCausalLM.from_config(llama_config(cfg, vocab_size, eos_token_id), dtype=dtype)
+    return prepare_model(model, cfg, vocab_size, seq_len)
+
+
+def prepare_model(model: PreTrainedModel, cfg: ModelConfig, vocab_size: int, seq_len: int) -> PreTrainedModel:
+    """Check a pretrained model against the data, and set it up for training (no KV cache, checkpointing)."""
+    if cfg.pretrained:
         positions = getattr(model.config, "max_position_embeddings", None)
         if positions is not None and seq_len > positions:
             raise RecipeError(f"data.seq_len = {seq_len}: must be <= the model's max_position_embeddings ({positions})")
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise RecipeError(f"data.tokenizer: vocabulary of {vocab_size} tokens exceeds the model's embedding "
                               f"({model.get_input_embeddings().num_embeddings}); use the model's own tokenizer")
-    else:
-        # Built in its dtype (not built in fp32 and cast): half the host memory, and it also works under FakeTensorMode.
-        model = AutoModelForCausalLM.from_config(llama_config(cfg, vocab_size, eos_token_id), dtype=dtype)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -17,11 +17,15 @@ update survives.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lean_relora.master import DiskMaster, RamMaster
 
 FOUR_BIT = ("nf4", "fp4")
 INT8_ROWS_PER_SLICE = 256  # rows converted to fp16 at once when quantizing to int8
@@ -31,17 +35,15 @@ class FrozenBase(nn.Module):
     """A frozen `y = x W^T + b` whose W is stored as `quant` (nf4 | fp4 | int8 | none)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quant: str, blocksize: int = 64,
-                 double_quant: bool = True, keep_master: bool = False, dtype: torch.dtype = torch.bfloat16):
+                 double_quant: bool = True, keep_master: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 master: RamMaster | DiskMaster | None = None):
         super().__init__()
         self.quant, self.blocksize, self.double_quant, self.dtype = quant, blocksize, double_quant, dtype
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", None if bias is None else bias.detach().to(weight.device, dtype, copy=True))
         self.quant_state: bnbf.QuantState | None = None
-        # The master stays in host memory whatever device the module moves to: it is not a buffer. It is pageable,
-        # not pinned: torch's caching host allocator rounds every pinned block up to a power of two and keeps freed
-        # blocks (a 7B model's 172 MiB MLP masters would take 256 MiB each), and page-locking tens of GB starves the
-        # rest of a desktop. A merge copies one layer per restart, where pinning would save milliseconds.
-        self.master = weight.detach().to("cpu", torch.float32, copy=True) if keep_master else None
+        # The master stays off the accelerator whatever device the module moves to (master.py: host RAM or disk).
+        self.master = master if master is not None else RamMaster(weight) if keep_master else None
         self.load_dense(weight)
         self.probe = RetentionProbe(self.dequantize())
 
@@ -85,10 +87,10 @@ class FrozenBase(nn.Module):
         """W += scale * up @ down, then requantize. Extra device memory: one dense fp32 copy of W, in which the
         product is accumulated in place (addmm_), so no separate delta is ever materialised."""
         self.probe.add_low_rank(up, down, scale)
-        dense = self.master.to(self.device) if self.master is not None else self.dequantize()
+        dense = self.master.read().to(self.device) if self.master is not None else self.dequantize()
         dense.addmm_(up.float(), down.float(), alpha=scale)
-        if self.master is not None and dense is not self.master:
-            self.master.copy_(dense)
+        if self.master is not None:
+            self.master.write(dense)
         self.load_dense(dense)
         del dense
         self.probe.observe(self.dequantize())
@@ -123,30 +125,39 @@ class FrozenBase(nn.Module):
         tensors = list(self.buffers()) + [self.probe.start, self.probe.now, self.probe.merged]
         if self.quant_state is not None:
             tensors += quant_state_tensors(self.quant_state)
-        return tensors + ([self.master] if self.master is not None else [])
+        return tensors + ([self.master.read()] if self.master is not None and self.master.in_memory else [])
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint needs beside the buffers: the bnb quant state (packed, as bnb serializes it for
-        safetensors), the fp32 master and the retention probe, as name -> tensor."""
+        safetensors), the fp32 master if it is in RAM (a disk master is linked by the checkpoint) and the retention
+        probe, as name -> tensor."""
         tensors = {f"probe.{k}": getattr(self.probe, k) for k in RetentionProbe.TENSORS}
         if self.quant_state is not None:
             tensors.update({f"quant_state.{k}": v for k, v in self.quant_state.as_dict(packed=True).items()})
-        if self.master is not None:
-            tensors["master"] = self.master
+        if self.master is not None and self.master.in_memory:
+            tensors["master"] = self.master.read()
         return tensors
 
     @torch.no_grad()
-    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The inverse of extra_state, after the buffers are loaded. A checkpoint without a master (saved with
-        relora.fidelity = naive) starts one from the stored weight; a master this base does not keep is dropped."""
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], master_file: Path | None = None,
+                         generation: int = 0, sha256: str = "") -> None:
+        """The inverse of extra_state, after the buffers are loaded; `master_file` is a checkpoint's disk master of
+        merge generation `generation`. A checkpoint without a master (saved with relora.fidelity = naive) starts one
+        from the stored weight; a master this base does not keep is dropped."""
         for k in RetentionProbe.TENSORS:
             setattr(self.probe, k, tensors[f"probe.{k}"].clone())
         quant = {k[len("quant_state."):]: v for k, v in tensors.items() if k.startswith("quant_state.")}
         if quant:
             self.quant_state = bnbf.QuantState.from_dict(quant, device=self.device)
             self.quant_state.dtype = self.dtype  # checkpoints of older versions recorded the master's fp32
-        if self.master is not None:
-            self.master.copy_(tensors["master"] if "master" in tensors else self.dequantize().cpu())
+        if self.master is None:
+            return
+        if "master" in tensors:
+            self.master.restore(tensor=tensors["master"], generation=generation)
+        elif master_file is not None:
+            self.master.restore(path=master_file, generation=generation, sha256=sha256)
+        else:
+            self.master.restore(tensor=self.dequantize().cpu(), generation=generation)
 
     def _set_buffer(self, name: str, value: torch.Tensor) -> None:
         if name in self._buffers:
@@ -162,7 +173,7 @@ class FrozenBase(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        master = ", fp32 master in host RAM" if self.master is not None else ""
+        master = "" if self.master is None else ", fp32 master " + ("in host RAM" if self.master.in_memory else "on disk")
         return f"{self.in_features} -> {self.out_features}, quant={self.quant}{master}"
 
 

@@ -19,9 +19,10 @@ QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 OPTIMIZERS = ("paged_adamw8bit", "adamw8bit", "adamw")
 RESETS = ("magnitude", "random", "zero")
 FIDELITIES = ("master", "naive")
+MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
 # Fields a resumed run may change: how long, where and how much is reported, not what is trained.
-RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "eval.every", "eval.batches", "log.every",
+RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "eval.every", "eval.batches", "log.every",
                "checkpoint.every", "checkpoint.keep_last", "checkpoint.max_bad_steps")
 
 
@@ -115,12 +116,14 @@ class ReloraConfig:
     warm_start_steps: int = 0  # full-rank steps (dense, all trainable) before ReLoRA begins; = train.max_steps: a full-rank baseline
     reset: str = "magnitude"  # optimizer reset of LoRA states at restart: magnitude | random | zero
     reset_ratio: float = 0.999  # share of each LoRA moment pruned to zero at a restart (magnitude/random)
-    fidelity: str = "master"  # how merges survive requantization: master (fp32 copy in host RAM) | naive
+    fidelity: str = "master"  # how merges survive requantization: master (fp32 copy off the GPU) | naive
+    master: str = "ram"  # where the fp32 masters live: ram (host RAM, 4 bytes/weight) | disk (RUN_DIR/master, memory-mapped: host RAM holds one layer during a merge)
 
     def __post_init__(self):
         _positive(self, "restart_every")
         _choice(self, "reset", RESETS)
         _choice(self, "fidelity", FIDELITIES)
+        _choice(self, "master", MASTER_STORES)
         if self.restart_warmup_steps < 0 or self.warm_start_steps < 0:
             raise _rule(self, "restart_warmup_steps", "must be >= 0")
         if self.restart_warmup_steps >= self.restart_every:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import torch
 from torch import nn
 
+from lean_relora.master import DiskMasters, RamMaster
 from lean_relora.quant import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError
 
@@ -67,9 +69,13 @@ def is_target(name: str, targets: list[str]) -> bool:
 
 
 def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torch.dtype,
-               device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> list[str]:
+               device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+               master_store: DiskMasters | None = None,
+               materialize: Callable[[str, nn.Module], None] | None = None) -> list[str]:
     """Replace every target nn.Linear by a ReLoRALinear on `device`, one layer at a time so that only one dense
-    weight is ever on the device beside the quantized ones. Returns the names of the wrapped modules."""
+    weight is ever on the device beside the quantized ones. With `keep_master` each base keeps an fp32 master, in
+    host RAM or, given `master_store`, on disk. `materialize(name, linear)` fills a target's weights just before it
+    is quantized (load.py: a pretrained model read one layer at a time). Returns the names of the wrapped modules."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, cfg.targets)]
     if not names:
         raise RecipeError(f"lora.targets = {cfg.targets}: no nn.Linear in the model matches; "
@@ -78,8 +84,13 @@ def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torc
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, leaf)
+        if materialize is not None:
+            materialize(name, linear)
+        master = None
+        if keep_master:
+            master = master_store.create(name, linear.weight) if master_store else RamMaster(linear.weight)
         base = FrozenBase(linear.weight.to(device), linear.bias, cfg.quant, cfg.blocksize, cfg.double_quant,
-                          keep_master=keep_master, dtype=dtype)
+                          dtype=dtype, master=master)
         setattr(parent, leaf, ReLoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, dtype, generator))
         del linear
     return names

@@ -6,6 +6,7 @@ It sits below train.py and checkpoint.py so that both can name it without import
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,3 +39,4 @@ class Run:
     schedule: JaggedCosine
     generator: torch.Generator  # LoRA (re)initialisation and random optimizer reset
     state: TrainState
+    run_dir: Path | None = None  # where the run writes (disk masters live in run_dir/master)

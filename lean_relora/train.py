@@ -20,7 +20,9 @@ from torch import nn
 
 from lean_relora import checkpoint
 from lean_relora.data import build_data
-from lean_relora.model import DTYPES, build_model
+from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
+from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
+from lean_relora.model import DTYPES, build_model, prepare_model
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter
 from lean_relora.recipe import Recipe, RecipeError
@@ -91,27 +93,43 @@ def setup(recipe: Recipe, run_dir: Path) -> Run:
     if vocab_size < data.vocab_size:
         raise RecipeError(f"model.vocab_size = {vocab_size}: smaller than the tokenizer's {data.vocab_size} tokens; "
                           "set it to 0 or at least that")
-    model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id)
+    source = None
+    dtype = DTYPES[recipe.model.dtype]
+    if recipe.model.pretrained and not recipe.relora.warm_start_steps and streamable(recipe.model.pretrained):
+        model, source = empty_pretrained(recipe.model.pretrained, dtype)  # filled layer by layer in start_relora
+        prepare_model(model, recipe.model, vocab_size, recipe.data.seq_len)
+    else:
+        model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id)
     schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
                             recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
                             recipe.relora.warm_start_steps)
     run = Run(recipe, device, data, model, None, schedule, torch.Generator().manual_seed(recipe.train.seed),
-              TrainState())
+              TrainState(), run_dir)
     if recipe.relora.warm_start_steps > 0:
         run.model = model.to(device)
         run.optimizer = build_optimizer(run.model, recipe.optim, device)
     else:
-        start_relora(run)
+        start_relora(run, source)
     return run
 
 
-def start_relora(run: Run) -> None:
-    """Quantize the base, add LoRA factors, freeze what must not train, and build a fresh optimizer for the rest."""
+def start_relora(run: Run, source: TensorSource | None = None) -> None:
+    """Quantize the base, add LoRA factors, freeze what must not train, and build a fresh optimizer for the rest.
+    With `source` the model's parameters are still on meta: each is read from the pretrained files as it is needed."""
     recipe = run.recipe
     run.optimizer = None  # free the full-rank optimizer state before quantizing
     exact_base = recipe.lora.quant == "none" and recipe.model.dtype == "fp32"  # a master would only duplicate it
-    wrap_model(run.model, recipe.lora, keep_master=recipe.relora.fidelity == "master" and not exact_base,
-               dtype=DTYPES[recipe.model.dtype], device=run.device, generator=run.generator)
+    keep_master = recipe.relora.fidelity == "master" and not exact_base
+    on_disk = keep_master and recipe.relora.master == "disk"
+    if on_disk and run.run_dir is None:
+        raise RecipeError('relora.master = "disk": needs a run directory to keep the masters in')
+    dtype = DTYPES[recipe.model.dtype]
+    fill = None if source is None else lambda name, linear: source.fill(name, linear, run.device, dtype)
+    wrap_model(run.model, recipe.lora, keep_master=keep_master, dtype=dtype, device=run.device,
+               generator=run.generator, master_store=DiskMasters(run.run_dir / MASTER_DIR) if on_disk else None,
+               materialize=fill)
+    if source is not None:
+        fill_remaining(run.model, source, run.device, dtype)
     run.model.to(run.device)
     set_trainable(run.model, recipe.lora)
     if recipe.model.gradient_checkpointing and not recipe.lora.train_embeddings:
@@ -124,6 +142,8 @@ def restart(run: Run) -> dict:
     Returns the restart record: merge time and the cumulative retention of all merges so far (see RetentionProbe)."""
     start = time.perf_counter()
     merge_all(run.model, run.generator)
+    for store in {id(s): s for s in disk_stores(run.model)}.values():
+        store.collect()  # the previous generation now lives on only in the checkpoints that link it
     relora = run.recipe.relora
     reset_state(run.optimizer, lora_parameters(run.model), relora.reset, relora.reset_ratio, run.generator)
     run.state.restarts += 1
@@ -133,6 +153,10 @@ def restart(run: Run) -> dict:
     retention = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
     return {"step": run.state.step, "restart": run.state.restarts, "merge_seconds": time.perf_counter() - start,
             "retention": retention}
+
+
+def disk_stores(model: nn.Module) -> list[DiskMasters]:
+    return [layer.base.master.store for layer in relora_layers(model) if isinstance(layer.base.master, DiskMaster)]
 
 
 def train_step(run: Run) -> float:

@@ -75,19 +75,19 @@ def test_paged_state_checkpoint_round_trip_stays_paged_and_steps_identically():
 def test_frozen_base_forward_merge_and_requantize_on_cuda(quant):
     w = torch.randn(256, 512) * 0.02
     base = FrozenBase(w.cuda().bfloat16(), None, quant, keep_master=True, dtype=torch.bfloat16)
-    assert base.master.device.type == "cpu" and not base.master.is_pinned()
+    assert base.master.read().device.type == "cpu" and not base.master.read().is_pinned()
     x = torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(base(x), x @ base.dequantize().bfloat16().t(), rtol=2e-2, atol=2e-2)
     cpu_twin = FrozenBase(w.bfloat16(), None, quant, dtype=torch.bfloat16)
     agree = (base.dequantize().cpu() == cpu_twin.dequantize()).float().mean()
     assert agree > 0.999  # the CUDA and CPU kernels store the same weight
-    expected = base.master.clone()
+    expected = base.master.read().clone()
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
         up, down = torch.randn(256, 4, generator=g) * 1e-3, torch.randn(4, 512, generator=g)
         base.add_low_rank_(up.cuda(), down.cuda(), 1.0)
         expected += up @ down
-    torch.testing.assert_close(base.master, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base.master.read(), expected, rtol=1e-5, atol=1e-6)
     if base.quant_state is not None:
         assert base.quant_state.dtype == torch.bfloat16
     kept, merged = base.probe.terms()

@@ -69,3 +69,20 @@ def test_bad_input_exits_2_with_one_line(args, message):
     result = CliRunner().invoke(app, ["memory-estimate", *args])
     assert result.exit_code == 2
     assert result.output == message + "\n"
+
+
+def test_host_ram_reported_for_the_masters_is_what_they_hold():
+    # Pinned masters cost up to twice their size (torch's caching host allocator rounds each block up to a power of
+    # two); the masters are pageable, so the bytes they hold are the bytes memory-estimate reports.
+    import torch
+
+    from lean_relora.model import build_model
+    from lean_relora.relora import relora_layers, wrap_model
+
+    recipe = small()
+    model = build_model(recipe.model, VOCAB, recipe.data.seq_len)
+    wrap_model(model, recipe.lora, keep_master=True, dtype=torch.float32)
+    masters = [layer.base.master.read() for layer in relora_layers(model)]
+    assert not any(m.is_pinned() for m in masters)
+    held = sum(m.untyped_storage().nbytes() for m in masters)
+    assert held == estimate(recipe, baseline=False).host["fp32 master of the base (fidelity = master)"]
