@@ -115,24 +115,26 @@ def train(
 
 
 def _refuse_if_it_does_not_fit(recipe) -> None:
-    """On a CUDA device, estimate the peak first and refuse a recipe that would not fit the free memory."""
+    """Estimate the peak first and refuse a recipe that would not fit the available host RAM or, on a CUDA device,
+    the free GPU memory."""
     import torch
 
-    from lean_relora.train import resolve_device
-
-    device = resolve_device(recipe.train.device)
-    if device.type != "cuda":
-        return
-    from lean_relora.memory import recipe_vocab_size, refusal
+    from lean_relora.host import available_bytes
+    from lean_relora.memory import host_refusal, recipe_vocab_size, refusal
     from lean_relora.recipe import RecipeError
+    from lean_relora.train import resolve_device
 
     try:
         recipe_vocab_size(recipe)
     except RecipeError:
         logging.getLogger(__name__).info("memory check skipped: set model.vocab_size to have train check the fit")
         return
-    free, _ = torch.cuda.mem_get_info(device)
-    reason = refusal(recipe, free)
+    available = available_bytes()
+    reason = host_refusal(recipe, available) if available is not None else None
+    device = resolve_device(recipe.train.device)
+    if reason is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        reason = refusal(recipe, free)
     if reason:
         raise UserError(reason)
 
@@ -160,7 +162,8 @@ def memory_estimate(
         import dataclasses
         import json
 
-        typer.echo(json.dumps(dataclasses.asdict(result) | {"need": result.need}, indent=1))
+        typer.echo(json.dumps(dataclasses.asdict(result) | {"need": result.need, "host_peak": result.host.peak},
+                              indent=1))
         return
     out = Console()
     for renderable in render(result, loaded):

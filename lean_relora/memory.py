@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lean_relora.host import HostRam, host_ram
 from lean_relora.model import build_model
 from lean_relora.recipe import Recipe
 from lean_relora.relora import is_target
@@ -142,7 +143,7 @@ class PhaseEstimate:
 @dataclass
 class Estimate:
     phases: list[PhaseEstimate]  # those the recipe runs, then the full-rank bf16 AdamW baseline
-    host: dict[str, int]  # bytes of host RAM beside the GPU
+    host: HostRam  # bytes of host RAM by phase
     gpu_bytes: float
     largest_micro_batch: int  # ReLoRA phase, 0 = not even 1 fits
 
@@ -173,14 +174,35 @@ def estimate(recipe: Recipe, gpu_gb: float = 24.0, baseline: bool = True) -> Est
         dense = replace(recipe, optim=replace(recipe.optim, name="adamw"), model=replace(recipe.model, dtype="bf16"))
         phases.append(PhaseEstimate("baseline: full-rank bf16 AdamW", analytic(dense, vocab, "full"),
                                     trace(dense, vocab, "full")))
-    shapes = target_shapes(recipe, vocab)
-    params = sum(o * i for o, i in shapes) + (2 * recipe.model.num_layers + 1 + 2 * vocab) * recipe.model.hidden_size
-    host = {"dense model while loading": params * (2 if recipe.model.dtype == "bf16" else 4)}
-    if recipe.relora.fidelity == "master" and not (recipe.lora.quant == "none" and recipe.model.dtype == "fp32"):
-        host["fp32 master of the base (fidelity = master)"] = 4 * sum(o * i for o, i in shapes)
+    host = host_estimate(recipe, vocab)
     run_phases = [(p, "relora" if p.name == "ReLoRA" else "full") for p in phases if not p.name.startswith("base")]
     fit = min(largest_micro_batch(recipe, vocab, p, kind, gpu_gb * GIB) for p, kind in run_phases)
     return Estimate(phases, host, gpu_gb * GIB, fit)
+
+
+RESIDENT = ("frozen base (stored)", "frozen full-rank weights", "trainable weights", "optimizer state")
+
+
+def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
+    """Host RAM by phase (host.py), from the analytic model alone: quick enough for train's pre-start check."""
+    shapes, m = target_shapes(recipe, vocab), recipe.model
+    others = (2 * m.num_layers + 1 + vocab * (1 if m.tie_embeddings else 2)) * m.hidden_size
+    keeps_master = recipe.relora.fidelity == "master" and not (recipe.lora.quant == "none" and m.dtype == "fp32")
+    relora = analytic(recipe, vocab)
+    step = max(sum(relora.values()), sum(analytic(recipe, vocab, "full").values()) if
+               recipe.relora.warm_start_steps else 0)
+    return host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), keeps_master)
+
+
+def host_refusal(recipe: Recipe, available: int) -> str | None:
+    """Why `train` should not start with `available` bytes of host RAM, or None when the recipe fits."""
+    host = host_estimate(recipe, recipe_vocab_size(recipe))
+    if host.peak <= available:
+        return None
+    advice = 'set relora.master = "disk", ' if host.masters else ""
+    return (f"the recipe needs about {host.peak / GIB:.1f} GiB of host RAM at its peak, {available / GIB:.1f} GiB "
+            f"are available (lean-relora memory-estimate shows the breakdown); {advice}free memory, or pass --force "
+            "to start anyway")
 
 
 def largest_micro_batch(recipe: Recipe, vocab: int, estimate: PhaseEstimate, phase: str, gpu_bytes: float) -> int:
@@ -212,11 +234,12 @@ def render(estimate: Estimate, recipe: Recipe):
                   *(gib(ALLOCATOR_RESERVE * p.traced.peak) for p in estimate.phases))
     table.add_row("CUDA context (typical)", *(gib(CUDA_CONTEXT_BYTES) for _ in estimate.phases))
     table.add_row("[bold]GPU need", *(f"[bold]{gib(p.need)}" for p in estimate.phases))
-    host = Table(title="Host RAM beside the GPU (GiB)", title_justify="left")
+    where = "the CPU it trains on" if recipe.train.device == "cpu" else "beside the GPU"
+    host = Table(title=f"Host RAM, {where} (GiB; masters: {recipe.relora.master})", title_justify="left")
     host.add_column("what")
     host.add_column("GiB", justify="right")
-    for key, value in estimate.host.items():
-        host.add_row(key, gib(value))
+    for key, value in estimate.host.rows().items():
+        host.add_row(f"[bold]{key}" if key == "peak" else key, gib(value))
     return table, host, verdict(estimate, recipe)
 
 

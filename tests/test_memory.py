@@ -26,7 +26,7 @@ def test_estimate_counts_host_memory_of_the_fp32_master_and_finds_the_largest_mi
     result = estimate(recipe, gpu_gb)
     assert [p.name for p in result.phases] == ["ReLoRA", "full-rank warm start", "baseline: full-rank bf16 AdamW"]
     targets = 2 * (4 * 128 * 128 + 3 * 128 * 344)
-    assert result.host["fp32 master of the base (fidelity = master)"] == 4 * targets
+    assert result.host.masters == 4 * targets
     fit = result.largest_micro_batch
     assert fit >= 1
     bigger = estimate(small(warm_start=5, micro_batch=fit + 1), gpu_gb)
@@ -85,4 +85,22 @@ def test_host_ram_reported_for_the_masters_is_what_they_hold():
     masters = [layer.base.master.read() for layer in relora_layers(model)]
     assert not any(m.is_pinned() for m in masters)
     held = sum(m.untyped_storage().nbytes() for m in masters)
-    assert held == estimate(recipe, baseline=False).host["fp32 master of the base (fidelity = master)"]
+    assert held == estimate(recipe, baseline=False).host.masters
+
+
+def test_disk_masters_take_the_masters_out_of_host_ram_and_the_refusal_says_so():
+    from dataclasses import replace
+
+    from lean_relora.memory import host_estimate, host_refusal
+
+    ram = small()
+    disk = replace(ram, relora=replace(ram.relora, master="disk"))
+    in_ram, on_disk = host_estimate(ram, VOCAB), host_estimate(disk, VOCAB)
+    largest = 344 * 128
+    assert in_ram.masters == 4 * 2 * (4 * 128 * 128 + 3 * 128 * 344) and on_disk.masters == 0
+    assert on_disk.merge - in_ram.merge == 2 * 4 * largest  # a disk merge maps one layer and writes a copy
+    assert on_disk.peak < in_ram.peak
+    assert host_refusal(ram, in_ram.peak) is None
+    assert host_refusal(ram, in_ram.peak - 1).startswith(
+        f"the recipe needs about {in_ram.peak / GIB:.1f} GiB of host RAM at its peak")
+    assert 'set relora.master = "disk"' in host_refusal(ram, in_ram.peak - 1)

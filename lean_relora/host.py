@@ -1,0 +1,78 @@
+"""Peak host RAM of a recipe, by phase: loading the model, training, and a merge at a restart.
+
+What lives in host RAM beside the GPU (names as in the table memory-estimate prints):
+    process      the interpreter with torch, transformers, datasets and bitsandbytes loaded (measured: 0.46 GiB)
+    masters      the fp32 masters in RAM (relora.master = "ram"): 4 bytes per base weight; on disk: none
+    setup        a pretrained local safetensors model streamed into ReLoRA form (load.py): one dense layer and its
+                 fp32 copy at a time; otherwise (random init, a warm start, a hub model) the whole dense model
+    merge        a disk master maps one layer's file and writes the next generation from a copy: 2 x 4 bytes per
+                 weight of the largest layer
+    device       on a CPU the "device" is host RAM too: the training step's traced peak, or at a merge the model
+                 and optimizer state
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lean_relora.load import streamable
+from lean_relora.recipe import Recipe
+
+PROCESS_BYTES = 466 * 2**20  # ru_maxrss after importing lean_relora.train, cli, memory, datasets, bitsandbytes
+
+
+@dataclass
+class HostRam:
+    """Bytes of host RAM per phase; `peak` is what must be available."""
+
+    process: int
+    masters: int  # resident through the whole run
+    setup: int  # beyond process and masters, at the worst moment of loading
+    training: int  # beyond process and masters, during a step
+    merge: int  # beyond process and masters, during a restart
+
+    @property
+    def peak(self) -> int:
+        return self.process + self.masters + max(self.setup, self.training, self.merge)
+
+    def rows(self) -> dict[str, int]:
+        return {"process (Python, torch and the libraries)": self.process,
+                "fp32 masters kept in RAM": self.masters,
+                "+ loading the model (worst moment)": self.setup,
+                "+ a training step": self.training,
+                "+ a merge at a restart": self.merge,
+                "peak": self.peak}
+
+
+def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device_step_peak: int,
+             device_resident: int, keeps_master: bool) -> HostRam:
+    """`target_numels`: weights of each ReLoRA target; `other_params`: every other weight of the model;
+    `device_step_peak`: the traced peak of a training step; `device_resident`: the model and optimizer bytes on the
+    device between steps (used when the device is the CPU)."""
+    weight = 2 if recipe.model.dtype == "bf16" else 4
+    on_cpu = recipe.train.device == "cpu"
+    on_disk = keeps_master and recipe.relora.master == "disk"
+    largest = max(target_numels)
+    masters = 4 * sum(target_numels) if keeps_master and not on_disk else 0
+    streams = bool(recipe.model.pretrained) and not recipe.relora.warm_start_steps and streamable(
+        recipe.model.pretrained)
+    if streams:  # one dense layer (read, then quantized) and its fp32 master copy while it is written
+        setup = largest * (weight + 4 * keeps_master) + (device_resident if on_cpu else 0)
+    else:  # the dense model; as each target is wrapped its dense weight goes and its RAM master comes
+        dense_targets = weight * sum(target_numels)
+        setup = weight * other_params + max(dense_targets - masters, 0) + 4 * largest * keeps_master
+    training = device_step_peak if on_cpu else 0
+    merge = 2 * 4 * largest * on_disk + (device_resident if on_cpu else 0)
+    return HostRam(PROCESS_BYTES, masters, setup, training, merge)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
