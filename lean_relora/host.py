@@ -13,10 +13,17 @@ What lives in host RAM beside the GPU (names as in the table memory-estimate pri
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 from lean_relora.load import streamable
 from lean_relora.recipe import Recipe
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 (glibc only: musl and other C libraries lack it)
+except (OSError, AttributeError):
+    _LIBC = None
 
 PROCESS_BYTES = 466 * 2**20  # ru_maxrss after importing lean_relora.train, cli, memory, datasets, bitsandbytes
 
@@ -64,6 +71,14 @@ def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device
     training = device_step_peak if on_cpu else 0
     merge = 2 * 4 * largest * on_disk + (device_resident if on_cpu else 0)
     return HostRam(PROCESS_BYTES, masters, setup, training, merge)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch already freed back to the system (glibc's malloc_trim). glibc keeps freed
+    blocks below its mmap threshold (which grows to 32 MiB) in its heap; quantizing a layer frees several of them,
+    and across a merge of hundreds of layers the process would otherwise hold gigabytes it does not use."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def available_bytes() -> int | None:

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lean_relora.host import release_freed_memory
 from lean_relora.master import DiskMasters, RamMaster
 from lean_relora.quant import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError
@@ -93,6 +94,7 @@ def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torc
                           dtype=dtype, master=master)
         setattr(parent, leaf, ReLoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, dtype, generator))
         del linear
+        release_freed_memory()
     return names
 
 
@@ -109,6 +111,7 @@ def merge_all(model: nn.Module, generator: torch.Generator | None = None) -> Non
     """The model-level restart: merge and re-init each layer in turn, so the merge transient is one layer's."""
     for layer in relora_layers(model):
         layer.merge_and_reinit(generator)
+        release_freed_memory()
 
 
 def set_trainable(model: nn.Module, cfg: LoraConfig) -> None:
