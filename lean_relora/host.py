@@ -7,8 +7,8 @@ What lives in host RAM beside the GPU (names as in the table memory-estimate pri
                  fp32 copy at a time; otherwise (random init, a warm start, a hub model) the whole dense model
     merge        a disk master maps one layer's file and writes the next generation from a copy: 2 x 4 bytes per
                  weight of the largest layer
-    device       on a CPU the "device" is host RAM too: the training step's traced peak, or at a merge the model
-                 and optimizer state
+    device       on a CPU the "device" is host RAM too: the training step's peak (with bnb's CPU 8-bit AdamW, which
+                 steps a tensor through fp32 copies), or at a merge the model and optimizer state
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ except (OSError, AttributeError):
     _LIBC = None
 
 PROCESS_BYTES = 466 * 2**20  # ru_maxrss after importing lean_relora.train, cli, memory, datasets, bitsandbytes
+# bitsandbytes' CPU 8-bit AdamW updates a tensor through fp32 copies of it, its gradient and both moments: measured
+# 26 bytes per element of the tensor being stepped (a 32128 x 2048 bf16 embedding: +1.6 GiB). CUDA's kernel is fused.
+CPU_8BIT_STEP_BYTES = 26
 
 
 @dataclass
@@ -52,12 +55,14 @@ class HostRam:
 
 
 def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device_step_peak: int,
-             device_resident: int, keeps_master: bool) -> HostRam:
+             device_resident: int, keeps_master: bool, largest_trainable: int = 0) -> HostRam:
     """`target_numels`: weights of each ReLoRA target; `other_params`: every other weight of the model;
     `device_step_peak`: the traced peak of a training step; `device_resident`: the model and optimizer bytes on the
-    device between steps (used when the device is the CPU)."""
+    device between steps (used when the device is the CPU); `largest_trainable`: elements of the largest tensor the
+    optimizer updates."""
     weight = 2 if recipe.model.dtype == "bf16" else 4
     on_cpu = recipe.train.device == "cpu"
+    cpu_8bit = recipe.optim.name != "adamw"
     on_disk = keeps_master and recipe.relora.master == "disk"
     largest = max(target_numels)
     masters = 4 * sum(target_numels) if keeps_master and not on_disk else 0
@@ -68,7 +73,7 @@ def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device
     else:  # the dense model; as each target is wrapped its dense weight goes and its RAM master comes
         dense_targets = weight * sum(target_numels)
         setup = weight * other_params + max(dense_targets - masters, 0) + 4 * largest * keeps_master
-    training = device_step_peak if on_cpu else 0
+    training = device_step_peak + (CPU_8BIT_STEP_BYTES * largest_trainable if cpu_8bit else 0) if on_cpu else 0
     merge = 2 * 4 * largest * on_disk + (device_resident if on_cpu else 0)
     return HostRam(PROCESS_BYTES, masters, setup, training, merge)
 

@@ -191,7 +191,12 @@ def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
     relora = analytic(recipe, vocab)
     step = max(sum(relora.values()), sum(analytic(recipe, vocab, "full").values()) if
                recipe.relora.warm_start_steps else 0)
-    return host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), keeps_master)
+    embedding = vocab * m.hidden_size
+    largest = max(max(o * i for o, i in shapes) if recipe.relora.warm_start_steps else 0,
+                  embedding if recipe.lora.train_embeddings or recipe.lora.train_lm_head else 0,
+                  max(recipe.lora.rank * max(o, i) for o, i in shapes))
+    return host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), keeps_master,
+                    largest)
 
 
 def host_refusal(recipe: Recipe, available: int) -> str | None:
