@@ -17,6 +17,7 @@ import ctypes
 from dataclasses import dataclass
 
 from lean_relora.load import streamable
+from lean_relora.optim import SlicedAdamW8bit
 from lean_relora.recipe import Recipe
 
 try:
@@ -27,7 +28,8 @@ except (OSError, AttributeError):
 
 PROCESS_BYTES = 466 * 2**20  # ru_maxrss after importing lean_relora.train, cli, memory, datasets, bitsandbytes
 # bitsandbytes' CPU 8-bit AdamW updates a tensor through fp32 copies of it, its gradient and both moments: measured
-# 26 bytes per element of the tensor being stepped (a 32128 x 2048 bf16 embedding: +1.6 GiB). CUDA's kernel is fused.
+# 26 bytes per element stepped at once (a whole 32128 x 2048 embedding: +1.6 GiB; optim.SlicedAdamW8bit steps at most
+# a million elements at a time). CUDA's kernel is fused.
 CPU_8BIT_STEP_BYTES = 26
 
 
@@ -73,7 +75,8 @@ def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device
     else:  # the dense model; as each target is wrapped its dense weight goes and its RAM master comes
         dense_targets = weight * sum(target_numels)
         setup = weight * other_params + max(dense_targets - masters, 0) + 4 * largest * keeps_master
-    training = device_step_peak + (CPU_8BIT_STEP_BYTES * largest_trainable if cpu_8bit else 0) if on_cpu else 0
+    stepped_at_once = min(largest_trainable, SlicedAdamW8bit.slice_elements)
+    training = device_step_peak + (CPU_8BIT_STEP_BYTES * stepped_at_once if cpu_8bit else 0) if on_cpu else 0
     merge = 2 * 4 * largest * on_disk + (device_resident if on_cpu else 0)
     return HostRam(PROCESS_BYTES, masters, setup, training, merge)
 

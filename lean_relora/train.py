@@ -21,6 +21,7 @@ from torch import nn
 from lean_relora import checkpoint
 from lean_relora.data import build_data
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
+from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
 from lean_relora.model import DTYPES, build_model, prepare_model
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
@@ -185,6 +186,8 @@ def train_step(run: Run) -> float:
         state.skipped += 1
         state.bad_steps += 1
     run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cpu":
+        release_freed_memory()  # the step's activations and gradients were host RAM: give it back, not keep it
     state.step += 1
     return loss
 

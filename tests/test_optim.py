@@ -2,8 +2,10 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lean_relora.optim import build_optimizer, load_optimizer_state, moments, optimizer_state, reset_state
+from lean_relora.optim import (SlicedAdamW8bit, build_optimizer, load_optimizer_state, moments, optimizer_state,
+                               reset_state)
 from lean_relora.recipe import OptimConfig
 
 SHAPE = (64, 128)  # 8192 elements: above bnb's 4096-element threshold, so the state is really 8-bit
@@ -96,12 +98,12 @@ def test_after_reset_the_next_step_stays_small():
     assert (p.detach() - before).abs().max() < 0.02
 
 
-@pytest.mark.parametrize("name,cls", [("paged_adamw8bit", bnb.optim.AdamW8bit), ("adamw8bit", bnb.optim.AdamW8bit),
+@pytest.mark.parametrize("name,cls", [("paged_adamw8bit", SlicedAdamW8bit), ("adamw8bit", SlicedAdamW8bit),
                                       ("adamw", torch.optim.AdamW)])
 def test_build_optimizer_decays_matrices_only(tiny_llama, name, cls):
     model = tiny_llama()
     opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1), torch.device("cpu"))
-    assert type(opt) is cls  # on CPU the paged optimizer is its unpaged twin: bnb cannot page without CUDA
+    assert type(opt) is cls  # on CPU: bnb cannot page without CUDA, and steps large tensors in slices
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
@@ -131,3 +133,38 @@ def test_state_round_trip_keeps_bnb_codes_and_dtypes():
     for key, value in opt.state[p].items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(restored.state[twin][key], value) and restored.state[twin][key].dtype == value.dtype
+
+
+class KernelCalls(TorchDispatchMode):
+    """The number of elements of each tensor bnb's 8-bit update kernel is handed (its CPU implementation allocates
+    fp32 copies of that many elements: 26 bytes each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "optimizer_update_8bit_blockwise" in str(func):
+            self.sizes.append(args[2].numel())  # (name, g, p, ...)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sliced_8bit_adamw_steps_exactly_like_bnb_in_slices_of_bounded_size():
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(300, 1000, generator=g)  # 300,000 elements: 37 slices of 8,192, the last one partial
+    whole, sliced = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    reference = bnb.optim.AdamW8bit([whole], lr=1e-3, weight_decay=0.1)
+    optimizer = SlicedAdamW8bit([sliced], lr=1e-3, weight_decay=0.1)
+    optimizer.slice_elements = 32 * 256
+    for _ in range(3):
+        grad = torch.randn(init.shape, generator=g)
+        whole.grad, sliced.grad = grad.clone(), grad.clone()
+        with KernelCalls() as unsliced_calls:
+            reference.step()
+        with KernelCalls() as calls:
+            optimizer.step()
+    assert torch.equal(whole, sliced)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(reference.state[whole][key], optimizer.state[sliced][key]), key
+    assert unsliced_calls.sizes == [init.numel()]
+    assert len(calls.sizes) == 37 and max(calls.sizes) == 32 * 256 and sum(calls.sizes) == init.numel()
