@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, PretrainedConfig
 
 from lean_relora.master import DiskMaster, link_or_copy
 from lean_relora.optim import load_optimizer_state, optimizer_state
@@ -289,6 +290,11 @@ def listed(root: Path) -> list[Path]:
 
 def saved_recipe(path: Path) -> Recipe:
     return load_recipe(Path(path) / RECIPE)
+
+
+def saved_config(path: Path) -> PretrainedConfig:
+    """The Hugging Face config of the checkpoint's model: with the weights, all that rebuilding it needs."""
+    return AutoConfig.from_pretrained(path)
 
 
 def read_state(path: Path) -> dict:

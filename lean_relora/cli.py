@@ -120,13 +120,12 @@ def _refuse_if_it_does_not_fit(recipe) -> None:
     import torch
 
     from lean_relora.host import available_bytes
-    from lean_relora.memory import host_refusal, recipe_vocab_size, refusal
-    from lean_relora.recipe import RecipeError
+    from lean_relora.memory import VocabUnknown, host_refusal, recipe_vocab_size, refusal
     from lean_relora.train import resolve_device
 
     try:
-        recipe_vocab_size(recipe)
-    except RecipeError:
+        recipe_vocab_size(recipe)  # a missing model.pretrained is an error, not a reason to skip the check
+    except VocabUnknown:
         logging.getLogger(__name__).info("memory check skipped: set model.vocab_size to have train check the fit")
         return
     from lean_relora.memory import target_shapes

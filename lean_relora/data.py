@@ -135,10 +135,11 @@ class StreamingPackedData(PackedData):
         return batch
 
 
-def build_data(cfg: DataConfig, cache_dir: Path) -> tuple[PackedData, PreTrainedTokenizerFast]:
-    """Documents -> tokenizer -> packed train/eval blocks (eval blocks come from eval documents only)."""
+def build_data(cfg: DataConfig, cache_dir: Path, pretrained: str = "") -> tuple[PackedData, PreTrainedTokenizerFast]:
+    """Documents -> tokenizer -> packed train/eval blocks (eval blocks come from eval documents only).
+    `pretrained` (model.pretrained) names the tokenizer data.tokenizer = "" stands for."""
     train_docs, eval_docs = load_documents(cfg)
-    tok = load_tokenizer(cfg, cache_dir, train_docs)
+    tok = load_tokenizer(cfg, cache_dir, train_docs, pretrained)
     streaming = isinstance(train_docs, datasets.IterableDataset)
     if not streaming:
         train_blocks, n_train = _pack(train_docs, tok, cfg.seq_len)

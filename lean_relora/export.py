@@ -1,6 +1,6 @@
 """Using a trained run: rebuild its model from a checkpoint, export it as a plain Hugging Face model, evaluate it.
 
-The export folds every ReLoRA layer into a dense nn.Linear, W + s B A, where W is the fp32 master copy when the run
+The export folds every ReLoRA layer into the dense layer it replaced (nn.Linear, or transformers' Conv1D), W + s B A, where W is the fp32 master copy when the run
 kept one (relora.fidelity = master) and the dequantized base otherwise: the 4-bit codes are only a lossy view of the
 master, so exporting from them would throw away precision the run paid for.
 """
@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 
 from lean_relora import checkpoint
 from lean_relora.data import build_eval_data
 from lean_relora.model import DTYPES
 from lean_relora.recipe import Recipe
 from lean_relora.relora import ReLoRALinear, wrap_model
+from lean_relora.tokenizer import SAVED, saved_tokenizer, tokenizer_name
 from lean_relora.train import autocast_context, resolve_device
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,7 +47,7 @@ def load_trained(source: str | Path, device: torch.device | str = "cpu") -> Trai
     path, problems = checkpoint.resolve(source)
     recipe, state = checkpoint.saved_recipe(path), checkpoint.read_state(path)
     dtype = DTYPES[recipe.model.dtype]
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).to(dtype)
+    model = AutoModelForCausalLM.from_config(checkpoint.saved_config(path)).to(dtype)
     if state["relora"]:
         wrap_model(model, recipe.lora, keep_master=state["masters"], dtype=dtype, device=device)
     checkpoint.load_model_state(model.to(device), path)
@@ -53,27 +55,36 @@ def load_trained(source: str | Path, device: torch.device | str = "cpu") -> Trai
 
 
 def run_tokenizer(trained: Trained):
-    """The run's tokenizer: the BPE it trained (RUN_DIR/tokenizer, beside RUN_DIR/checkpoints) or the named one."""
-    if trained.recipe.data.tokenizer != "bpe":
-        return AutoTokenizer.from_pretrained(trained.recipe.data.tokenizer)
-    directory = trained.path.parent.parent / "tokenizer"
-    if not directory.is_dir():
-        raise ExportError(f"{directory}: the run's trained tokenizer is missing; keep the checkpoint inside its run "
-                          "directory")
-    return PreTrainedTokenizerFast.from_pretrained(directory)
+    """The run's tokenizer: the copy saved in its directory (RUN_DIR/tokenizer, beside RUN_DIR/checkpoints), so that
+    neither a hub nor the pretrained model's directory is needed; a run made before such copies existed falls back
+    to the tokenizer its recipe names."""
+    run_dir = trained.path.parent.parent
+    saved = saved_tokenizer(run_dir)
+    if saved is not None:
+        return saved
+    name = tokenizer_name(trained.recipe.data, trained.recipe.model.pretrained)
+    if name == "bpe":
+        raise ExportError(f"{run_dir / SAVED}: the run's trained tokenizer is missing; keep the checkpoint inside its "
+                          "run directory")
+    return AutoTokenizer.from_pretrained(name)
 
 
 @torch.no_grad()
-def merged_linear(layer: ReLoRALinear) -> nn.Linear:
-    """nn.Linear(W + s B A) in fp32, W from the master copy where there is one."""
+def merged_layer(layer: ReLoRALinear) -> nn.Module:
+    """The dense layer ReLoRA replaced, holding W + s B A: nn.Linear, or Conv1D (W^T stored) for a Conv1D. fp32, W
+    from the master copy where there is one."""
     base = layer.base
     weight = base.master.read().clone() if base.master is not None else base.dequantize().cpu()
     weight.addmm_(layer.lora_B.detach().cpu().float(), layer.lora_A.detach().cpu().float(), alpha=layer.scale)
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight)
-    if base.bias is not None:
-        linear.bias = nn.Parameter(base.bias.detach().cpu().float())
-    return linear
+    bias = None if base.bias is None else nn.Parameter(base.bias.detach().cpu().float())
+    with torch.device("meta"):  # allocated and initialised for nothing otherwise: the tensors are replaced below
+        if layer.transposed:
+            merged = Conv1D(base.out_features, base.in_features)
+        else:
+            merged = nn.Linear(base.in_features, base.out_features, bias=bias is not None)
+    merged.weight = nn.Parameter(weight.t().contiguous() if layer.transposed else weight)
+    merged.bias = bias if bias is not None or not layer.transposed else nn.Parameter(torch.zeros(base.out_features))
+    return merged
 
 
 def export_model(source: str | Path, out_dir: Path, dtype: str = "bf16") -> Trained:
@@ -88,7 +99,7 @@ def export_model(source: str | Path, out_dir: Path, dtype: str = "bf16") -> Trai
     model = trained.model
     for name in [n for n, m in model.named_modules() if isinstance(m, ReLoRALinear)]:
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, merged_linear(model.get_submodule(name)))  # one layer at a time
+        setattr(model.get_submodule(parent), leaf, merged_layer(model.get_submodule(name)))  # one layer at a time
     if dtype == "fp16":
         peak = max(p.detach().abs().max().item() for p in model.parameters())
         if peak > FP16_MAX:

@@ -15,11 +15,12 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from lean_relora.host import HostRam, host_ram
-from lean_relora.model import build_model
-from lean_relora.recipe import Recipe
-from lean_relora.relora import is_target
+from lean_relora.model import architecture, build_model, pretrained_config, sizes
+from lean_relora.recipe import Recipe, RecipeError
+from lean_relora.relora import target_modules
 from lean_relora.trace import Trace, trace, uses_autocast
 
 GIB = 2**30
@@ -32,11 +33,22 @@ BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit optimizer state in bnb
 # ---- analytic model -------------------------------------------------------------------------------------------
 
 def target_shapes(recipe: Recipe, vocab_size: int) -> list[tuple[int, int]]:
-    """(out, in) of every Linear that ReLoRA wraps, from a meta-device model (no memory, no init)."""
+    """(out, in) of every layer that ReLoRA wraps, from a meta-device model (no memory, no init, no weights read)."""
+    config = architecture(recipe.model, vocab_size)
     with torch.device("meta"):
-        model = build_model(replace(recipe.model, gradient_checkpointing=False), vocab_size, recipe.data.seq_len)
-    return [tuple(m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and is_target(n, recipe.lora.targets)]
+        model = build_model(replace(recipe.model, gradient_checkpointing=False), vocab_size, recipe.data.seq_len,
+                            config=config)
+    # Conv1D stores its weight as (in, out)
+    return [tuple(m.weight.shape[::-1] if isinstance(m, Conv1D) else m.weight.shape)
+            for _, m in target_modules(model, recipe.lora.targets)]
+
+
+def with_model_sizes(recipe: Recipe) -> Recipe:
+    """The recipe with a pretrained model's own sizes (from its config alone) in place of model.*'s, which describe
+    the random LLaMA built without one; unchanged without model.pretrained."""
+    if not recipe.model.pretrained:
+        return recipe
+    return replace(recipe, model=replace(recipe.model, **sizes(pretrained_config(recipe.model.pretrained))))
 
 
 def base_bytes(numel: int, rows: int, quant: str, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
@@ -64,11 +76,12 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
     """Peak device bytes by component, from the model's sizes.
 
     Activations are what HF LLaMA saves for backward, in bytes per token and decoder layer, with a the activation
-    dtype's size (2 under bf16 autocast) and kv the key/value width:
+    dtype's size (2 under bf16 autocast) and kv the key/value width (other architectures get the same formula: an
+    approximation, which the trace checks):
         two RMSNorms 2 (4h + 2ah)   fp32 input copy, normalized and weighted outputs
         attention    a (3h + 2kv)   rotated q and k, v, attention output and its contiguous copy (minus the norm's)
         MLP          4af            gate, SiLU(gate), up, their product
-        LoRA         7ar            the r-wide middle of each of the 7 targets
+        LoRA         nar            the r-wide middle of each of the n targets per layer (7 in LLaMA)
     With gradient checkpointing only each block's input (h, in the model's dtype) is kept, plus one block while it
     is recomputed and back-propagated, which happens once the loss buffers are freed. The loss keeps fp32 log-probabilities and, in backward, their gradient and the logits' (4 + 4 + 4
     bytes per vocabulary entry and token, plus the bf16 logits under autocast). The peak is taken at the start of
@@ -104,7 +117,7 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         "gradients at peak": (sum(trainable) if accumulating else head * lm_head_trains) * w,
         "optimizer state": sum(adam_state_bytes(n, recipe.optim.name, w) for n in trainable),
     }
-    per_layer = 2 * (4 * h + 2 * a * h) + a * (3 * h + 2 * kv) + 4 * a * f + 7 * a * r * relora
+    per_layer = 2 * (4 * h + 2 * a * h) + a * (3 * h + 2 * kv) + 4 * a * f + len(shapes) // layers * a * r * relora
     loss_buffers = tokens * vocab_size * (12 + (a if a != 4 else 0))
     if m.gradient_checkpointing:
         # The last block is recomputed after the loss buffers are freed: only what it needs beyond them counts,
@@ -152,19 +165,26 @@ class Estimate:
         return max(p.need for p in self.phases if not p.name.startswith("baseline"))
 
 
-def recipe_vocab_size(recipe: Recipe) -> int:
-    from lean_relora.recipe import RecipeError
+class VocabUnknown(RecipeError):
+    """The vocabulary size cannot be known without loading the tokenizer (train then skips its memory check)."""
 
+
+def recipe_vocab_size(recipe: Recipe) -> int:
+    """Embedding rows of the recipe's model: a pretrained model's config says; else model.vocab_size or the BPE's."""
+    if recipe.model.pretrained:
+        return pretrained_config(recipe.model.pretrained).vocab_size
     if recipe.model.vocab_size:
         return recipe.model.vocab_size
-    if recipe.data.tokenizer == "bpe":
+    if recipe.data.tokenizer in ("", "bpe"):
         return recipe.data.bpe_vocab_size
-    raise RecipeError(f"model.vocab_size = 0: the size of tokenizer {recipe.data.tokenizer!r} is unknown before "
+    raise VocabUnknown(f"model.vocab_size = 0: the size of tokenizer {recipe.data.tokenizer!r} is unknown before "
                       "loading it; set model.vocab_size (e.g. --set model.vocab_size=32000)")
 
 
 def estimate(recipe: Recipe, gpu_gb: float = 24.0, baseline: bool = True) -> Estimate:
-    """Every phase the recipe runs, and (with `baseline`) a full-rank bf16 AdamW run of the same model."""
+    """Every phase the recipe runs, and (with `baseline`) a full-rank bf16 AdamW run of the same model. A pretrained
+    model is estimated from its config alone: no weight is read."""
+    recipe = with_model_sizes(recipe)
     vocab = recipe_vocab_size(recipe)
     phases = [PhaseEstimate("ReLoRA", analytic(recipe, vocab), trace(recipe, vocab))]
     if recipe.relora.warm_start_steps:
@@ -201,6 +221,7 @@ def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
 
 def host_refusal(recipe: Recipe, available: int) -> str | None:
     """Why `train` should not start with `available` bytes of host RAM, or None when the recipe fits."""
+    recipe = with_model_sizes(recipe)
     host = host_estimate(recipe, recipe_vocab_size(recipe))
     if host.peak <= available:
         return None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
+from lean_relora.hub import HubError, locate
 from lean_relora.recipe import ModelConfig, RecipeError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -26,20 +27,50 @@ def llama_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = N
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_token_id: int | None = None) -> PreTrainedModel:
+def pretrained_config(name: str) -> PretrainedConfig:
+    """The config of model.pretrained `name` (local directory or hub name) alone: no weight is read."""
+    located = _located(name)
+    try:
+        return AutoConfig.from_pretrained(name, **located)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.pretrained = {name!r}: its config cannot be read ({_first_line(e)}); "
+                          "give a transformers model directory or hub name") from None
+
+
+def architecture(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = None) -> PretrainedConfig:
+    """The config the model is built from: the pretrained model's, or a LLaMA of the recipe's sizes."""
+    return pretrained_config(cfg.pretrained) if cfg.pretrained else llama_config(cfg, vocab_size, eos_token_id)
+
+
+def sizes(config: PretrainedConfig) -> dict:
+    """ModelConfig's size fields read from a transformers config (the memory model's inputs; transformers maps
+    GPT-2's n_embd, n_layer, n_head to these names)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    return {"hidden_size": hidden, "num_layers": config.num_hidden_layers, "num_heads": heads,
+            "intermediate_size": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+            or 4 * hidden, "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "tie_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "vocab_size": config.vocab_size}
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_token_id: int | None = None,
+                config: PretrainedConfig | None = None) -> PreTrainedModel:
     """A model in `cfg.dtype` in host memory: pretrained weights if `cfg.pretrained` names them, else a random LLaMA.
+    With `config` (a checkpoint's, or a pretrained model's for the memory estimate) that architecture is built with
+    random weights instead, and nothing is read from model.pretrained.
     The caller seeds torch beforehand (the random init is then reproducible) and moves the model to its device,
     after quantizing the base so that the dense model never has to fit on the accelerator."""
     dtype = DTYPES[cfg.dtype]
-    if cfg.pretrained:
+    if cfg.pretrained and config is None:
+        located = _located(cfg.pretrained)
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype, **located)
         except (OSError, ValueError) as e:
             raise RecipeError(f"model.pretrained = {cfg.pretrained!r}: cannot be loaded ({_first_line(e)}); "
-                              "give a local model directory or a reachable hub name") from None
+                              "give a transformers model directory or hub name") from None
     else:
         # Built in its dtype (not built in fp32 and cast): half the host memory, and it also works under FakeTensorMode.
-        model = AutoModelForCausalLM.from_config(llama_config(cfg, vocab_size, eos_token_id), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config or llama_config(cfg, vocab_size, eos_token_id), dtype=dtype)
     return prepare_model(model, cfg, vocab_size, seq_len)
 
 
@@ -56,6 +87,13 @@ def prepare_model(model: PreTrainedModel, cfg: ModelConfig, vocab_size: int, seq
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _located(name: str) -> dict:
+    try:
+        return locate(name)
+    except HubError as e:
+        raise RecipeError(f"model.pretrained = {name!r}: {e}") from None
 
 
 def _first_line(e: Exception) -> str:

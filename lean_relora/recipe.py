@@ -65,7 +65,7 @@ class DataConfig:
     hub_config: str = ""  # configuration name of a hub dataset (e.g. "en" for allenai/c4)
     split: str = "train"  # split of a hub dataset
     text_column: str = "text"  # column holding the documents in jsonl/parquet/hub data
-    tokenizer: str = "bpe"  # "bpe" = train a byte-level BPE on the corpus (cached in the run dir), or a local dir / hub name
+    tokenizer: str = ""  # "" = the model's own (model.pretrained), from scratch "bpe"; "bpe" = train a byte-level BPE on the corpus; else a local dir / hub name (copied into the run dir either way)
     bpe_vocab_size: int = 4096  # vocabulary of the trained BPE tokenizer, in tokens
     seq_len: int = 128  # tokens per training block
     eval_fraction: float = 0.05  # share of documents held out for evaluation (local data)
@@ -88,7 +88,7 @@ class LoraConfig:
     rank: int = 8  # r: inner dimension of B (out x r) @ A (r x in)
     alpha: float = 16.0  # LoRA output is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the LoRA branch input, probability
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # Linear modules to wrap: names or regexes matched against the last part of the module name
+    targets: list[str] = field(default_factory=list)  # nn.Linear/Conv1D modules of the decoder blocks to wrap: names or regexes matched against the last part of the module name; [] = all of them
     quant: str = "nf4"  # frozen base storage: nf4 | fp4 (bnb 4-bit) | int8 (bnb row-wise) | none (frozen bf16/fp32)
     blocksize: int = 64  # 4-bit quantization block, in elements
     double_quant: bool = True  # quantize the 4-bit absmax statistics again (saves ~0.4 bit/param)
@@ -103,8 +103,6 @@ class LoraConfig:
             raise _rule(self, "dropout", "must be in [0, 1)")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise _rule(self, "blocksize", "must be one of 64, 128, 256, 512, 1024, 2048, 4096")
-        if not self.targets:
-            raise _rule(self, "targets", "must name at least one module")
 
 
 @dataclass
@@ -228,6 +226,11 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
+        if self.data.tokenizer == "bpe" and self.model.pretrained:
+            raise RecipeError(
+                "data.tokenizer = 'bpe': a BPE trained on the corpus does not match the vocabulary model.pretrained "
+                "was trained on; set data.tokenizer = \"\" for the model's own tokenizer, or name another"
+            )
         if self.data.seq_len > self.model.max_position_embeddings and not self.model.pretrained:
             raise RecipeError(
                 f"data.seq_len = {self.data.seq_len}: must be <= model.max_position_embeddings "

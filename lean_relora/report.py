@@ -201,7 +201,7 @@ def spectrum(run_dir: str | Path, layer: str | None = None, label: str | None = 
     import torch
 
     from lean_relora import checkpoint
-    from lean_relora.export import load_trained, merged_linear
+    from lean_relora.export import load_trained, merged_layer
     from lean_relora.relora import ReLoRALinear
 
     run_dir = Path(run_dir)
@@ -217,7 +217,7 @@ def spectrum(run_dir: str | Path, layer: str | None = None, label: str | None = 
         raise ReportError(f"--layer {name}: no such linear layer in {end}; e.g. {', '.join(linear[:3])}"
                           if name else f"{end}: has no down_proj layer; choose a weight matrix with --layer")
     module = modules[name]
-    w_end = merged_linear(module).weight.detach() if name in wrapped else module.weight.detach().float()
+    w_end = merged_layer(module).weight.detach() if name in wrapped else module.weight.detach().float()
     recipe, config, rank = trained.recipe, trained.model.config, getattr(module, "rank", None)
     del trained, modules, module  # a large model: keep one copy in memory at a time
     start = _oldest_dense(run_dir, before=end)

@@ -1,5 +1,6 @@
-"""Tokenizer: a pretrained one by name, or a byte-level BPE trained on the run's train documents and cached in the
-run directory, so that a resumed run encodes with the very same ids."""
+"""Tokenizer: a pretrained one by name (by default the pretrained model's own), or a byte-level BPE trained on the
+run's train documents. Either way it is saved into the run directory and read back from there, so that a resumed
+run encodes with the very same ids and a run directory needs nothing outside itself."""
 
 from __future__ import annotations
 
@@ -13,34 +14,47 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lean_relora.corpus import DataError, load_documents
+from lean_relora.hub import TOKENIZER, HubError, locate
 from lean_relora.recipe import DataConfig
 
 EOS = "<|endoftext|>"
 BPE_STREAM_DOCS = 20_000  # a stream may be endless: the BPE learns its merges from this many leading documents
+SAVED, STAMP = "tokenizer", "tokenizer_fingerprint.json"  # the run directory's copy, and what it is a copy of
 
 
-def load_tokenizer(cfg: DataConfig, cache_dir: Path, documents=None) -> PreTrainedTokenizerFast:
-    """The run's tokenizer; a trained BPE is cached in cache_dir so a resumed run gets the very same ids.
+def tokenizer_name(cfg: DataConfig, pretrained: str = "") -> str:
+    """What data.tokenizer stands for: "" is the pretrained model's own tokenizer, or "bpe" from scratch."""
+    return cfg.tokenizer or pretrained or "bpe"
 
-    `documents` (the train docs from load_documents, or any iterable of strings) saves reloading the corpus.
+
+def load_tokenizer(cfg: DataConfig, cache_dir: Path, documents=None, pretrained: str = ""):
+    """The run's tokenizer, saved in cache_dir (the run directory) the first time and read from there after.
+
+    `documents` (the train docs from load_documents, or any iterable of strings) saves reloading the corpus for a
+    BPE; `pretrained` is model.pretrained, whose tokenizer data.tokenizer = "" means.
     """
-    if cfg.tokenizer != "bpe":
-        return _pretrained_tokenizer(cfg.tokenizer)
-    target, stamp = Path(cache_dir) / "tokenizer", Path(cache_dir) / "tokenizer_fingerprint.json"
-    want = _bpe_fingerprint(cfg)
+    name = tokenizer_name(cfg, pretrained)
+    target, stamp = Path(cache_dir) / SAVED, Path(cache_dir) / STAMP
+    want = _bpe_fingerprint(cfg) if name == "bpe" else {"format": 1, "tokenizer": name}
     if target.is_dir() and stamp.is_file():
         try:
             if json.loads(stamp.read_text()) == want:
-                return PreTrainedTokenizerFast.from_pretrained(target)
+                return AutoTokenizer.from_pretrained(target)
         except Exception:
-            pass  # a damaged cache is simply retrained
-    if documents is None:
-        documents = load_documents(cfg)[0]
-    tok = _train_bpe(documents, cfg.bpe_vocab_size)
+            pass  # a damaged copy is simply made again
+    if name == "bpe":
+        tok = _train_bpe(load_documents(cfg)[0] if documents is None else documents, cfg.bpe_vocab_size)
+    else:
+        tok = _pretrained_tokenizer(name, "data.tokenizer" if cfg.tokenizer else "model.pretrained")
     stamp.unlink(missing_ok=True)  # written last: a crash mid-save must not leave a stamp vouching for it
     tok.save_pretrained(target)
     stamp.write_text(json.dumps(want, sort_keys=True))
-    return PreTrainedTokenizerFast.from_pretrained(target)  # same object a later reuse returns
+    return AutoTokenizer.from_pretrained(target)  # same object a later reuse returns
+
+
+def saved_tokenizer(run_dir: Path):
+    """The tokenizer a run saved in its directory, or None for a run that has none."""
+    return AutoTokenizer.from_pretrained(Path(run_dir) / SAVED) if (Path(run_dir) / SAVED).is_dir() else None
 
 
 def _bpe_fingerprint(cfg: DataConfig) -> dict:
@@ -71,17 +85,18 @@ def _texts(documents) -> Iterator[str]:
         yield from documents
 
 
-def _pretrained_tokenizer(name: str):
+def _pretrained_tokenizer(name: str, key: str):
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, **locate(name, TOKENIZER))
+    except HubError as e:
+        raise DataError(f"{key} = '{name}': {e}") from None
     except Exception as e:
-        raise DataError(
-            f"data.tokenizer = '{name}': could not be loaded; pass a local tokenizer directory, a reachable hub name, "
-            "or 'bpe' to train one on the corpus"
-        ) from e
+        what = "has no tokenizer; save one there or name another in data.tokenizer" if key == "model.pretrained" \
+            else "could not be loaded; pass a local tokenizer directory, a reachable hub name, or 'bpe' to train " \
+                 "one on the corpus"
+        raise DataError(f"{key} = '{name}': {what}") from e
     if tok.eos_token_id is None:
-        raise DataError(
-            f"data.tokenizer = '{name}': has no eos_token to separate packed documents; use a tokenizer that "
-            "defines one, or 'bpe'"
-        )
+        fix = "name one that defines it in data.tokenizer" if key == "model.pretrained" else \
+            "use a tokenizer that defines one, or 'bpe'"
+        raise DataError(f"{key} = '{name}': has no eos_token to separate packed documents; {fix}")
     return tok

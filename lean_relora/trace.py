@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lean_relora.model import DTYPES, build_model
+from lean_relora.model import DTYPES, architecture, build_model
 from lean_relora.optim import build_optimizer
 from lean_relora.quant import quant_state_tensors
 from lean_relora.recipe import Recipe
@@ -91,7 +91,7 @@ def run_step(model, optimizer, batches: list[torch.Tensor], autocast: bool) -> N
 
 def build_for_phase(recipe: Recipe, vocab_size: int, phase: str):
     """The model and optimizer of a phase: "relora" (quantized base + LoRA) or "full" (dense, all trainable)."""
-    model = build_model(recipe.model, vocab_size, recipe.data.seq_len)
+    model = build_model(recipe.model, vocab_size, recipe.data.seq_len, config=architecture(recipe.model, vocab_size))
     if phase == "relora":
         # The fp32 master lives in host RAM, so it is left out here and counted as host memory.
         wrap_model(model, recipe.lora, keep_master=False, dtype=DTYPES[recipe.model.dtype])

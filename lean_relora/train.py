@@ -17,17 +17,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from lean_relora import checkpoint
 from lean_relora.data import build_data
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
-from lean_relora.model import DTYPES, build_model, prepare_model
+from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter
 from lean_relora.recipe import Recipe, RecipeError
-from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, wrap_model
+from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, target_summary, wrap_model
 from lean_relora.schedule import JaggedCosine
 from lean_relora.state import Run, TrainState
 
@@ -81,7 +82,11 @@ def autocast_context(recipe: Recipe, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
 
 
-def setup(recipe: Recipe, run_dir: Path) -> Run:
+def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None) -> Run:
+    """The run's data, model, schedule and optimizer. `config` (a checkpoint's, on resume) builds the model from it
+    instead of reading model.pretrained, whose weights the checkpoint holds anyway."""
+    if recipe.model.pretrained and config is None:
+        pretrained_config(recipe.model.pretrained)  # a wrong path or hub name fails now, not after reading the corpus
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     torch.manual_seed(recipe.train.seed)
@@ -89,18 +94,23 @@ def setup(recipe: Recipe, run_dir: Path) -> Run:
     if recipe.optim.name == "paged_adamw8bit" and device.type != "cuda":
         log.info("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
                  device.type)
-    data, tokenizer = build_data(recipe.data, run_dir)
+    data, tokenizer = build_data(recipe.data, run_dir, recipe.model.pretrained)
     vocab_size = recipe.model.vocab_size or data.vocab_size
-    if vocab_size < data.vocab_size:
+    if vocab_size < data.vocab_size and not recipe.model.pretrained:  # a pretrained model has its own vocab_size
         raise RecipeError(f"model.vocab_size = {vocab_size}: smaller than the tokenizer's {data.vocab_size} tokens; "
                           "set it to 0 or at least that")
     source = None
     dtype = DTYPES[recipe.model.dtype]
-    if recipe.model.pretrained and not recipe.relora.warm_start_steps and streamable(recipe.model.pretrained):
+    if (config is None and recipe.model.pretrained and not recipe.relora.warm_start_steps
+            and streamable(recipe.model.pretrained)):
         model, source = empty_pretrained(recipe.model.pretrained, dtype)  # filled layer by layer in start_relora
         prepare_model(model, recipe.model, vocab_size, recipe.data.seq_len)
     else:
-        model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id)
+        model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id, config)
+    selection, warning = target_summary(model, recipe.lora.targets)
+    log.info(selection)
+    if warning:
+        log.warning(warning)
     schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
                             recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
                             recipe.relora.warm_start_steps)
@@ -227,7 +237,9 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     started = time.perf_counter()
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
     found = _check_resume(recipe, run_dir, resume, force) if resume is not None else None
-    run = setup(recipe, run_dir)
+    # A resumed pretrained model is built from the checkpoint's config: its weights are in the checkpoint, and the
+    # model directory may have moved since.
+    run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if found and recipe.model.pretrained else None)
     reporter = reporter or Reporter(run_dir / "metrics.jsonl", end)
     saved_step = _resume(run, *found, reporter) if found is not None else None
     state, schedule = run.state, run.schedule

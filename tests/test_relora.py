@@ -3,10 +3,16 @@ import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from lean_relora.export import merged_layer
 from lean_relora.quant import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError
-from lean_relora.relora import ReLoRALinear, lora_parameters, merge_all, relora_layers, set_trainable, wrap_model
+from lean_relora.relora import (FROZEN_WARNING, ReLoRALinear, decoder_blocks, lora_parameters, merge_all,
+                                relora_layers, set_trainable, target_modules, target_summary, wrap_model)
 from test_quant import QUANTS, TOLERANCE, weight
+from tiny_models import CONFIGS, VOCAB
 
 
 def trained_layer(quant, keep_master=False, seed=0, shape=(64, 128)):
@@ -82,7 +88,7 @@ def test_wrap_model_replaces_exactly_the_targets(tiny_llama):
 
 
 def test_wrap_model_rejects_targets_that_match_nothing(tiny_llama):
-    with pytest.raises(RecipeError, match="no nn.Linear in the model matches"):
+    with pytest.raises(RecipeError, match="no nn.Linear or Conv1D inside the decoder blocks matches"):
         wrap_model(tiny_llama(), LoraConfig(targets=["nothing_here"]), keep_master=False, dtype=torch.float32)
 
 
@@ -138,3 +144,72 @@ def test_merge_transient_is_about_one_dense_fp32_copy_of_the_layer(quant, keep_m
     # int8 1/4 plus a 256-row slice converted to fp16, none a whole copy.
     new_storage = {"nf4": 0.14, "int8": 0.45, "none": 1.0}[quant]
     assert peak - before <= (1.0 + new_storage + 0.05) * dense_fp32
+
+
+def tiny(arch):
+    return AutoModelForCausalLM.from_config(CONFIGS[arch](VOCAB, 0))
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_default_targets_are_every_projection_of_the_decoder_blocks_and_nothing_else(arch):
+    model = tiny(arch)
+    selected = dict(target_modules(model, []))
+    prefix, blocks = decoder_blocks(model)
+    assert blocks is model.get_submodule(prefix) and len(blocks) == 2
+    assert all(n.startswith(prefix + ".") for n in selected) and not any("lm_head" in n for n in selected)
+    # Every parameter of a block is a selected weight, a selected layer's bias or a norm's: none is left over.
+    accounted = {id(p) for m in selected.values() for p in m.parameters()}
+    accounted |= {id(p) for m in blocks.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
+    assert {id(p) for p in blocks.parameters()} == accounted
+    fused = {"phi3": {"qkv_proj", "gate_up_proj"}, "gpt2": {"c_attn", "c_fc"}}.get(arch, set())
+    assert fused <= {n.rsplit(".", 1)[-1] for n in selected}
+    line, warning = target_summary(model, [])
+    assert line.startswith(f"ReLoRA layers: {len(selected)} (all block projections") and "100%" in line
+    assert warning is None
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_with_default_settings_every_parameter_trains(arch):
+    # Projections become LoRA factors over frozen buffers; embeddings (GPT-2's positions too), norms (GPT-2's
+    # LayerNorm ln_1 too) and lm_head train full-rank: nothing is frozen without the recipe saying so.
+    model, cfg = tiny(arch), LoraConfig(rank=4, quant="none")
+    wrap_model(model, cfg, keep_master=False, dtype=torch.float32)
+    set_trainable(model, cfg)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_target_summary_warns_when_the_targets_leave_much_of_the_blocks_frozen(tiny_llama):
+    model = tiny_llama()
+    line, warning = target_summary(model, ["q_proj", "v_proj"])
+    # Per block: q and v are 2 x 64 x 64 of 4 x 64 x 64 (attention) + 3 x 128 x 64 (MLP) weights, 20%.
+    assert line == ("ReLoRA layers: 4 (lora.targets = ['q_proj', 'v_proj']: q_proj, v_proj), 20% of the decoder "
+                    "blocks' weight matrices")
+    assert warning.startswith("lora.targets = ['q_proj', 'v_proj'] leaves 80% of the decoder blocks' weight "
+                              f"matrices frozen (they never train; more than {FROZEN_WARNING:.0%})")
+    assert target_summary(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])[1] is not None
+    assert target_summary(model, [".*_proj"])[1] is None
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_a_wrapped_conv1d_computes_the_same_function_and_exports_in_its_own_layout(quant):
+    model = tiny("gpt2").eval()
+    conv = model.transformer.h[0].attn.c_attn
+    original = conv.weight.detach().clone()
+    x = torch.randn(3, 32)
+    expected = conv(x).detach()
+    wrap_model(model, LoraConfig(rank=4, quant=quant), keep_master=True, dtype=torch.float32)
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, ReLoRALinear) and layer.transposed
+    if quant == "none":
+        torch.testing.assert_close(layer(x), expected)
+    else:  # the base computes with its stored weight, which is the Conv1D's transposed, up to nf4 rounding
+        stored = layer.base.dequantize()
+        torch.testing.assert_close(layer(x), x @ stored.t() + conv.bias.detach(), rtol=1e-4, atol=1e-5)
+        assert (stored - original.t()).norm() <= 0.25 * original.norm()  # a wrong layout would be off by ~140%
+    torch.testing.assert_close(merged_layer(layer).weight, original)  # from the fp32 master, back in (in, out)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    merged = merged_layer(layer)
+    assert isinstance(merged, Conv1D) and merged.weight.shape == original.shape
+    update = layer.scale * (layer.lora_B @ layer.lora_A).detach()
+    torch.testing.assert_close(merged(x), x @ (original + update.t()) + conv.bias.detach())

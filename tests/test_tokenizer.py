@@ -44,8 +44,8 @@ def test_pretrained_tokenizer_errors(tmp_path):
     with pytest.raises(DataError) as err:
         load_tokenizer(DataConfig(tokenizer=str(missing)), tmp_path)
     assert str(err.value) == (
-        f"data.tokenizer = '{missing}': could not be loaded; pass a local tokenizer directory, "
-        "a reachable hub name, or 'bpe' to train one on the corpus"
+        f"data.tokenizer = '{missing}': no such local directory; give an existing directory or a hub name such as "
+        "Qwen/Qwen2.5-0.5B"
     )
     no_eos = tokenizer._train_bpe(["some text to learn from"] * 3, 300)
     no_eos.eos_token = None

@@ -1,0 +1,169 @@
+"""Bring your own model, end to end through the CLI: tiny Llama, Qwen2, Mistral, Gemma, Phi-3 and GPT-2 models saved
+by transformers train through ReLoRA layers, export and reload; a run directory needs nothing outside itself; a
+wrong model path or an unreachable hub fails fast with one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+from lean_relora.export import load_trained
+from lean_relora.relora import ReLoRALinear, target_modules
+from test_cli import invoke
+from tiny_models import CONFIGS, save_tiny_model
+
+RECIPE = """
+[model]
+dtype = "fp32"
+[data]
+seq_len = 16
+[lora]
+rank = 4
+quant = "none"
+[relora]
+restart_every = 2
+restart_warmup_steps = 0
+[optim]
+lr = 1e-2
+warmup_steps = 0
+[train]
+max_steps = 4
+micro_batch_size = 2
+device = "cpu"
+[eval]
+every = 0
+batches = 1
+[checkpoint]
+every = 2
+keep_last = 3
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog; def f(x): return "
+                                  f"x + {i}." for i in range(60)))
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.replace("[data]\n", f"[data]\nsource = {str(corpus)!r}\n"))
+    return path
+
+
+def train(recipe, model_dir, run_dir, *args):
+    code, output = invoke("train", recipe, "--run-dir", run_dir, "--set", f"model.pretrained='{model_dir}'", *args)
+    assert code == 0, output
+    return output
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_every_block_weight_trains_through_its_relora_layer_and_the_export_reloads(arch, recipe, tmp_path):
+    model_dir = save_tiny_model(arch, tmp_path / "model")
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    projections = dict(target_modules(original, []))
+    output = train(recipe, model_dir, tmp_path / "run")
+    assert "step 2: restart 1" in output and f"ReLoRA layers: {len(projections)} (all block projections" in output
+
+    trained = load_trained(tmp_path / "run").model
+    modules = dict(trained.named_modules())
+    for name, before in projections.items():
+        layer = modules[name]
+        assert isinstance(layer, ReLoRALinear) and layer.transposed == isinstance(before, Conv1D), name
+        weight = before.weight.t() if layer.transposed else before.weight
+        assert not torch.equal(layer.base.weight, weight), f"{name}: the restart merged nothing into it"
+    norms = [n for n, m in original.named_modules() if "norm" in type(m).__name__.lower()]
+    assert norms and all(not torch.equal(modules[n].weight, original.get_submodule(n).weight) for n in norms)
+
+    code, output = invoke("export", tmp_path / "run", tmp_path / "hf")
+    assert code == 0, output
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(reloaded) is type(original) and reloaded.dtype == torch.float32
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf")("the quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = trained(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    # The export is bf16: each weight rounded to 8 significant bits.
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max()))
+
+
+def test_a_moved_model_directory_does_not_stop_eval_export_or_resume(recipe, tmp_path):
+    model_dir = save_tiny_model("gpt2", tmp_path / "model")
+    run = tmp_path / "run"
+    train(recipe, model_dir, run, "--max-steps", 2)
+    assert (run / "tokenizer" / "tokenizer.json").read_text() == (model_dir / "tokenizer.json").read_text()
+    shutil.move(model_dir, tmp_path / "elsewhere")
+
+    code, output = invoke("eval", run)
+    assert code == 0 and "eval loss" in output, output
+    code, output = invoke("export", run, tmp_path / "hf")
+    assert code == 0, output
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab() == AutoTokenizer.from_pretrained(
+        tmp_path / "elsewhere").get_vocab()
+    code, output = invoke("train", "--run-dir", run, "--resume", "auto", "--max-steps", 3)
+    assert code == 0, output
+    assert f"resumed from {run / 'checkpoints' / 'step-00000002'} at step 2" in " ".join(output.split())
+
+
+def test_a_trained_bpe_with_a_pretrained_model_is_refused_with_one_line(recipe, tmp_path):
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    code, output = invoke("train", recipe, "--run-dir", tmp_path / "run", "--set", f"model.pretrained='{model_dir}'",
+                          "--set", "data.tokenizer='bpe'")
+    assert code == 2
+    assert output == (f"error: {recipe}: data.tokenizer = 'bpe': a BPE trained on the corpus does not match the "
+                      "vocabulary model.pretrained was trained on; set data.tokenizer = \"\" for the model's own "
+                      "tokenizer, or name another\n")
+
+
+# The CLI in a subprocess whose network is made unreachable: the hub endpoint is a closed local port, or the
+# machine is declared offline; the hub cache is an empty directory. Each command's clock starts after the imports
+# (torch, bitsandbytes and transformers take seconds to import on a busy machine, whatever the model).
+TIMED_CLI = """
+import contextlib, io, json, logging, sys, time
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as the CLI does: bnb's import warning is not ours
+import lean_relora.memory, lean_relora.train
+from lean_relora.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv, stderr, started = ["lean-relora", *argv], io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+    results.append({"code": code, "stderr": stderr.getvalue(), "seconds": time.perf_counter() - started})
+print(json.dumps(results))
+"""
+CASES = {"missing local path": "no such local directory; give an existing directory or a hub name",
+         "offline hub name": "not a local directory, and as a hub name it is not in the local hub cache while the "
+                             "machine is offline (HF_HUB_OFFLINE=1); download it where the hub is reachable (hf "
+                             "download some-org/some-model) or give a local directory",
+         "unreachable hub name": "not a local directory, and as a hub name the hub (http://127.0.0.1:9) is "
+                                 "unreachable (ConnectError) and it is not in the local cache; check the network"}
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "hub unreachable"])
+def test_a_missing_model_fails_fast_with_one_line_saying_which_case(tmp_path, recipe, offline):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HUB_OFFLINE": "1" if offline else "0"}
+    cases = ["missing local path", "offline hub name"] if offline else ["unreachable hub name"]
+    names = {case: str(tmp_path / "no_such_model") if case == "missing local path" else "some-org/some-model"
+             for case in cases}
+    runs = [(case, command) for case in cases for command in ("train", "memory-estimate")]
+    argvs = [[command, str(recipe), "--set", f"model.pretrained='{names[case]}'"]
+             + (["--run-dir", str(tmp_path / "run")] if command == "train" else []) for case, command in runs]
+    result = subprocess.run([sys.executable, "-c", TIMED_CLI, json.dumps(argvs)], capture_output=True, text=True,
+                            env=env, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for (case, command), run in zip(runs, json.loads(result.stdout)):
+        lines = run["stderr"].strip().splitlines()
+        if command == "train":
+            assert lines.pop(0) == f"run dir: {tmp_path / 'run'}"
+        assert run["code"] == 2 and len(lines) == 1, (case, command, lines)
+        assert lines[0].startswith(f"error: model.pretrained = '{names[case]}': {CASES[case]}"), (case, lines)
+        assert run["seconds"] < 5.0, (case, command, run["seconds"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
