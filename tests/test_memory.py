@@ -3,13 +3,17 @@
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
 from lean_relora.cli import app
-from lean_relora.memory import CUDA_CONTEXT_BYTES, GIB, analytic, estimate, refusal
+from lean_relora.memory import CUDA_CONTEXT_BYTES, GIB, analytic, base_bytes, estimate, host_refusal, refusal
 from lean_relora.recipe import load_recipe
+from lean_relora.relora import target_modules
 from lean_relora.trace import trace
 from test_trace import CONFIGS, VOCAB, small
+from tiny_models import save_tiny_model
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -104,3 +108,32 @@ def test_disk_masters_take_the_masters_out_of_host_ram_and_the_refusal_says_so()
     assert host_refusal(ram, in_ram.peak - 1).startswith(
         f"the recipe needs about {in_ram.peak / GIB:.1f} GiB of host RAM at its peak")
     assert 'set relora.master = "disk"' in host_refusal(ram, in_ram.peak - 1)
+
+
+@pytest.mark.parametrize("arch,as_json", [("llama", False), ("gpt2", True), ("phi3", True)])
+def test_memory_estimate_of_a_pretrained_model_reads_its_config_alone(tmp_path, arch, as_json):
+    model_dir = save_tiny_model(arch, tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    shapes = [m.weight.shape[::-1] if isinstance(m, Conv1D) else m.weight.shape for _, m in target_modules(model, [])]
+    (model_dir / "model.safetensors").unlink()  # the estimate has no weights to read
+    args = ["memory-estimate", "recipes/7b_12gb.toml", "--set", f"model.pretrained={model_dir}"]
+    result = CliRunner().invoke(app, args + (["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    if not as_json:
+        for text in ("frozen base (stored)", "traced peak", "GPU need", "fits: needs"):
+            assert text in result.output
+        return
+    relora = json.loads(result.output)["phases"][0]["components"]
+    # The 7b recipe's sizes (32 layers of 4096, 32,000 tokens) give way to the model's own.
+    assert relora["frozen base (stored)"] == sum(base_bytes(o * i, o, "nf4", 64, True, 2) for o, i in shapes)
+    assert relora["logits and loss"] == 2048 * model.config.vocab_size * (12 + 2)
+
+
+def test_trains_pre_start_check_works_for_a_pretrained_model(tmp_path):
+    model_dir = save_tiny_model("qwen2", tmp_path / "model")
+    (model_dir / "model.safetensors").unlink()
+    recipe = load_recipe("recipes/7b_12gb.toml", [f"model.pretrained={model_dir}"])
+    assert refusal(recipe, free_bytes=80 * GIB) is None
+    assert refusal(recipe, free_bytes=0.1 * GIB).startswith("the recipe needs about")
+    # Host RAM of the model's own sizes, not of the 7b recipe's (whose fp32 masters alone take 24 GiB)
+    assert host_refusal(recipe, 2 * GIB) is None
