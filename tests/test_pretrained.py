@@ -91,6 +91,18 @@ def test_every_block_weight_trains_through_its_relora_layer_and_the_export_reloa
     torch.testing.assert_close(got, expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("arch,targets,says", [
+    ("phi3", "['o_proj', 'down_proj']", "leaves 67% of the decoder blocks' weight matrices frozen"),
+    ("gpt2", "['c_attn', 'c_proj', 'c_fc']", "ReLoRA layers: 8 (lora.targets = ['c_attn', 'c_proj', 'c_fc']"),
+])
+def test_named_targets_say_what_they_select_and_warn_about_what_they_leave_frozen(recipe, tmp_path, arch, targets,
+                                                                                    says):
+    model_dir = save_tiny_model(arch, tmp_path / "model")
+    output = train(recipe, model_dir, tmp_path / "run", "--max-steps", 1, "--set", f"lora.targets={targets}")
+    assert says in " ".join(output.split())
+    assert ("WARNING" in output) == (arch == "phi3")
+
+
 def test_a_moved_model_directory_does_not_stop_eval_export_or_resume(recipe, tmp_path):
     model_dir = save_tiny_model("gpt2", tmp_path / "model")
     run = tmp_path / "run"

@@ -56,3 +56,17 @@ def test_pretrained_tokenizer_errors(tmp_path):
         f"data.tokenizer = '{tmp_path / 'no_eos'}': has no eos_token to separate packed documents; "
         "use a tokenizer that defines one, or 'bpe'"
     )
+
+
+def test_the_pretrained_models_own_tokenizer_is_the_default_and_the_run_keeps_a_copy(tmp_path):
+    model_dir = tmp_path / "model"
+    own = tokenizer._train_bpe(["some text to learn from"] * 3, 300)
+    own.save_pretrained(model_dir)
+    tok = load_tokenizer(DataConfig(), tmp_path / "run", pretrained=str(model_dir))
+    assert tok.get_vocab() == own.get_vocab() and (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    (model_dir / "tokenizer.json").unlink()  # the model directory changes or goes away: the run has its own copy
+    assert load_tokenizer(DataConfig(), tmp_path / "run", pretrained=str(model_dir)).get_vocab() == tok.get_vocab()
+    with pytest.raises(DataError) as err:
+        load_tokenizer(DataConfig(), tmp_path / "other_run", pretrained=str(model_dir))
+    assert str(err.value) == (f"model.pretrained = '{model_dir}': has no tokenizer; save one there or name another "
+                              "in data.tokenizer")
