@@ -12,11 +12,12 @@ from lean_relora.tokenizer import _train_bpe
 TEXT = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
         "Language models predict the next token of a text.", "0123456789 + - * / = ( ) [ ] { }"]
 VOCAB = 300  # byte alphabet, the EOS token and a few merges
+POSITIONS = 2048  # the 7b recipe's seq_len, which memory-estimate checks against the model's own limit
 
 
 def _llama_like(cls, vocab: int, eos: int, **extra):
     return cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, eos_token_id=eos, bos_token_id=eos,
+               num_key_value_heads=2, max_position_embeddings=POSITIONS, eos_token_id=eos, bos_token_id=eos,
                pad_token_id=eos, **extra)
 
 
@@ -26,7 +27,7 @@ CONFIGS = {
     "mistral": lambda vocab, eos: _llama_like(MistralConfig, vocab, eos, sliding_window=None),
     "gemma": lambda vocab, eos: _llama_like(GemmaConfig, vocab, eos, head_dim=8),  # tied embeddings
     "phi3": lambda vocab, eos: _llama_like(Phi3Config, vocab, eos),  # fused qkv_proj and gate_up_proj
-    "gpt2": lambda vocab, eos: GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+    "gpt2": lambda vocab, eos: GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=POSITIONS,
                                           eos_token_id=eos, bos_token_id=eos),  # Conv1D projections, LayerNorm
 }
 
