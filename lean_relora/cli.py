@@ -105,7 +105,7 @@ def train(
                 raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
                                 "or continue it with --resume auto")
         if not force:
-            _refuse_if_it_does_not_fit(loaded)
+            _refuse_if_it_does_not_fit(loaded, found if resume is not None else None)
         console.print(f"run dir: {run_dir}", highlight=False)
         run_training(loaded, run_dir, resume=resume, force=force, stop_at=max_steps)
     except (RecipeError, DataError, UserError, CheckpointError) as e:
@@ -114,15 +114,20 @@ def train(
         _fail(console, str(e), code=1)
 
 
-def _refuse_if_it_does_not_fit(recipe) -> None:
+def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None) -> None:
     """Estimate the peak first and refuse a recipe that would not fit the available host RAM or, on a CUDA device,
-    the free GPU memory."""
+    the free GPU memory. Resuming, a pretrained model that is no longer a local directory is estimated from the
+    checkpoint's config (a moved model directory or an offline hub must not stop a resume)."""
+    import dataclasses
+
     import torch
 
     from lean_relora.host import available_bytes
     from lean_relora.memory import VocabUnknown, host_refusal, recipe_vocab_size, refusal
     from lean_relora.train import resolve_device
 
+    if checkpoint is not None and recipe.model.pretrained and not Path(recipe.model.pretrained).is_dir():
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained=str(checkpoint)))
     try:
         recipe_vocab_size(recipe)  # a missing model.pretrained is an error, not a reason to skip the check
     except VocabUnknown:

@@ -237,9 +237,10 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     started = time.perf_counter()
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
     found = _check_resume(recipe, run_dir, resume, force) if resume is not None else None
-    # A resumed pretrained model is built from the checkpoint's config: its weights are in the checkpoint, and the
-    # model directory may have moved since.
-    run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if found and recipe.model.pretrained else None)
+    # A resumed run's weights come from the checkpoint. A pretrained model still in its directory is streamed from
+    # there (host RAM: one layer); one that moved, or a hub name, is built from the checkpoint's config instead.
+    rebuild = found and recipe.model.pretrained and not streamable(recipe.model.pretrained)
+    run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if rebuild else None)
     reporter = reporter or Reporter(run_dir / "metrics.jsonl", end)
     saved_step = _resume(run, *found, reporter) if found is not None else None
     state, schedule = run.state, run.schedule
