@@ -40,6 +40,7 @@ from lean_relora.measure import measure, relora_run
 from lean_relora.memory import GIB, analytic, recipe_vocab_size
 from lean_relora.model import build_model
 from lean_relora.recipe import Recipe, load_recipe
+from lean_relora.relora import target_modules
 from lean_relora.trace import trace
 from lean_relora.train import autocast_context
 
@@ -124,7 +125,9 @@ def peft_qlora(recipe: Recipe, vocab: int, device: str):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    lora = PeftLoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, target_modules=recipe.lora.targets)
+    # The very layers ReLoRA wraps (lora.targets = [] selects every block projection), by their leaf names.
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in target_modules(model, recipe.lora.targets)})
+    lora = PeftLoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, target_modules=leaves)
     return get_peft_model(model, lora)
 
 
