@@ -39,6 +39,8 @@ device = "cpu"
 [eval]
 every = 0
 batches = 1
+[log]
+every = 1
 [checkpoint]
 every = 2
 keep_last = 3
@@ -102,23 +104,37 @@ def test_named_targets_say_what_they_select_and_warn_about_what_they_leave_froze
     assert ("WARNING" in output) == (arch == "phi3")
 
 
-def test_a_moved_model_directory_does_not_stop_eval_export_or_resume(recipe, tmp_path):
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+# Without a warm start load.py streams the model from its directory; with one, from_pretrained loads it dense.
+@pytest.mark.parametrize("warm_start", [0, 1])
+def test_a_moved_model_directory_does_not_stop_eval_export_or_resume(recipe, tmp_path, warm_start):
     model_dir = save_tiny_model("gpt2", tmp_path / "model")
-    run = tmp_path / "run"
-    # A full-rank warm start loads the dense model with from_pretrained (without one, load.py streams it).
-    train(recipe, model_dir, run, "--max-steps", 2, "--set", "relora.warm_start_steps=1")
-    assert (run / "tokenizer" / "tokenizer.json").read_text() == (model_dir / "tokenizer.json").read_text()
+    warm = ["--set", f"relora.warm_start_steps={warm_start}"]
+    train(recipe, model_dir, tmp_path / "whole", *warm)
+    for run in (tmp_path / "stays", tmp_path / "moves"):
+        train(recipe, model_dir, run, "--max-steps", 2, *warm)
+    assert (tmp_path / "moves" / "tokenizer" / "tokenizer.json").read_text() == (model_dir / "tokenizer.json").read_text()
+    code, output = invoke("train", "--run-dir", tmp_path / "stays", "--resume", "auto")  # reads the model dir again
+    assert code == 0, output
     shutil.move(model_dir, tmp_path / "elsewhere")
 
+    run = tmp_path / "moves"
     code, output = invoke("eval", run)
     assert code == 0 and "eval loss" in output, output
     code, output = invoke("export", run, tmp_path / "hf")
     assert code == 0, output
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab() == AutoTokenizer.from_pretrained(
         tmp_path / "elsewhere").get_vocab()
-    code, output = invoke("train", "--run-dir", run, "--resume", "auto", "--max-steps", 3)
+    code, output = invoke("train", "--run-dir", run, "--resume", "auto")
     assert code == 0, output
     assert f"resumed from {run / 'checkpoints' / 'step-00000002'} at step 2" in " ".join(output.split())
+    # Either way the resumed run computes the very losses of the uninterrupted one.
+    assert losses(tmp_path / "stays") == losses(run) == losses(tmp_path / "whole")
+    assert [step for step, _ in losses(run)] == [1, 2, 3, 4]
 
 
 def test_a_trained_bpe_with_a_pretrained_model_is_refused_with_one_line(recipe, tmp_path):
