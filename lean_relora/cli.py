@@ -46,6 +46,8 @@ def _setup_logging() -> Console:
                         handlers=[RichHandler(console=console, show_time=False, show_path=False)], force=True)
     # bnb warns at import about an optional CPU kernel package we do not need.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for client in ("httpx", "httpx2"):  # the hub client logs every request at INFO, which our level would show
+        logging.getLogger(client).setLevel(logging.WARNING)
     import datasets
 
     datasets.disable_progress_bars()  # our own progress is the one to watch; theirs flashes by in a second

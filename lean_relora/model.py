@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
@@ -29,6 +32,11 @@ def llama_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = N
 
 def pretrained_config(name: str) -> PretrainedConfig:
     """The config of model.pretrained `name` (local directory or hub name) alone: no weight is read."""
+    return copy.deepcopy(_read_config(name))  # a copy: building a model sets attributes on its config
+
+
+@lru_cache(maxsize=None)  # read once per process: the estimate builds the model several times (a hub round trip each)
+def _read_config(name: str) -> PretrainedConfig:
     located = _located(name)
     try:
         return AutoConfig.from_pretrained(name, **located)

@@ -157,13 +157,15 @@ import lean_relora.memory, lean_relora.train
 from lean_relora.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
-    sys.argv, stderr, started = ["lean-relora", *argv], io.StringIO(), time.perf_counter()
-    with contextlib.redirect_stderr(stderr):
+    sys.argv, stdout, stderr, started = ["lean-relora", *argv], io.StringIO(), io.StringIO(), time.perf_counter()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             main()
         except SystemExit as e:
             code = e.code
-    results.append({"code": code, "stderr": stderr.getvalue(), "seconds": time.perf_counter() - started})
+    results.append({"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
+                    "seconds": time.perf_counter() - started})
 print(json.dumps(results))
 """
 CASES = {"missing local path": "no such local directory; give an existing directory or a hub name",
