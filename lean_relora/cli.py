@@ -135,10 +135,6 @@ def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None) -> Non
     except VocabUnknown:
         logging.getLogger(__name__).info("memory check skipped: set model.vocab_size to have train check the fit")
         return
-    from lean_relora.memory import target_shapes
-
-    if not target_shapes(recipe, recipe_vocab_size(recipe)):
-        return  # lora.targets match nothing: train says so in one line
     available = available_bytes()
     reason = host_refusal(recipe, available) if available is not None else None
     device = resolve_device(recipe.train.device)

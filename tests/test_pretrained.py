@@ -177,7 +177,12 @@ CASES = {"missing local path": "no such local directory; give an existing direct
 
 
 @pytest.mark.parametrize("offline", [True, False], ids=["offline", "hub unreachable"])
-def test_a_missing_model_fails_fast_with_one_line_saying_which_case(tmp_path, recipe, offline):
+def test_without_the_hub_a_cached_model_is_used_and_a_missing_one_fails_fast_with_one_line(tmp_path, recipe, offline):
+    # The local hub cache holds org/cached as a download of its config would have left it.
+    cached = tmp_path / "hf_home" / "hub" / "models--org--cached"
+    save_tiny_model("llama", cached / "snapshots" / ("0" * 40))
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_ENDPOINT": "http://127.0.0.1:9",
            "HF_HUB_OFFLINE": "1" if offline else "0"}
     cases = ["missing local path", "offline hub name"] if offline else ["unreachable hub name"]
@@ -186,12 +191,16 @@ def test_a_missing_model_fails_fast_with_one_line_saying_which_case(tmp_path, re
     runs = [(case, command) for case in cases for command in ("train", "memory-estimate")]
     argvs = [[command, str(recipe), "--set", f"model.pretrained='{names[case]}'"]
              + (["--run-dir", str(tmp_path / "run")] if command == "train" else []) for case, command in runs]
+    argvs.append(["memory-estimate", str(recipe), "--set", "model.pretrained='org/cached'", "--json"])
     result = subprocess.run([sys.executable, "-c", TIMED_CLI, json.dumps(argvs)], capture_output=True, text=True,
                             env=env, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for (case, command), run in zip(runs, json.loads(result.stdout)):
+    *failed, from_cache = json.loads(result.stdout)
+    for (case, command), run in zip(runs, failed):
         lines = run["stderr"].strip().splitlines()  # train's memory check before the start finds it first
         assert run["code"] == 2 and len(lines) == 1, (case, command, lines)
         assert lines[0].startswith(f"error: model.pretrained = '{names[case]}': {CASES[case]}"), (case, lines)
         assert run["seconds"] < 5.0, (case, command, run["seconds"])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert from_cache["code"] == 0, from_cache["stderr"]
+    assert json.loads(from_cache["stdout"])["phases"][0]["components"]["frozen base (stored)"] > 0
