@@ -52,6 +52,27 @@ def current_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
+class PhasePeaks:
+    """The highest RSS seen in each phase, sampled every 10 ms by a thread (ru_maxrss only knows the run's peak)."""
+
+    def __init__(self):
+        import threading
+
+        self.phase, self.peaks, self.running = "setup", {}, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), current_rss())
+            time.sleep(0.01)
+
+    def stop(self) -> dict:
+        self.running = False
+        self.thread.join()
+        return self.peaks
+
+
 def measured_run(model_dir: Path, steps: int) -> dict:
     """In this (fresh) process: setup, then `steps` steps with a restart before each after the first."""
     import torch
@@ -65,16 +86,20 @@ def measured_run(model_dir: Path, steps: int) -> dict:
     marks = {"imports": rss()}
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
+        sampler = PhasePeaks()
         run = setup(recipe, Path(run_dir))
         marks["setup"], marks["setup seconds"] = rss(), time.perf_counter() - start
         merges, marks["current RSS"] = [], [("setup", current_rss())]
         for step in range(steps):
             if step:
+                sampler.phase = f"restart {step}"
                 merges.append(restart(run)["merge_seconds"])
                 marks["current RSS"].append((f"restart {step}", current_rss()))
+            sampler.phase = f"step {step + 1}"
             train_step(run)
             marks["current RSS"].append((f"step {step + 1}", current_rss()))
         marks["training and restarts"], marks["merge seconds"] = rss(), merges
+        marks["peak RSS by phase"] = list(sampler.stop().items())
         marks["step seconds"] = (time.perf_counter() - start - marks["setup seconds"] - sum(merges)) / steps
     return marks
 
@@ -105,6 +130,7 @@ def main() -> None:
     rows = [("model files (bf16 safetensors)", bf16), ("measured peak RSS after imports", marks["imports"]),
             ("measured peak RSS after setup (streamed load)", marks["setup"]),
             ("measured peak RSS, whole run", peak), ("memory-estimate host peak", predicted.peak)]
+    rows += [(f"  sampled peak: {phase}", value) for phase, value in marks["peak RSS by phase"]]
     for name, value in rows:
         print(f"{name:48s} {value / GIB:8.3f} GiB")
     print(f"measured / estimated {peak / predicted.peak:.3f}; measured / bf16 model {peak / bf16:.3f}; "

@@ -57,11 +57,11 @@ class HostRam:
 
 
 def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device_step_peak: int,
-             device_resident: int, keeps_master: bool, largest_trainable: int = 0) -> HostRam:
+             device_resident: int, keeps_master: bool, largest_trainable: int = 0, gradients: int = 0) -> HostRam:
     """`target_numels`: weights of each ReLoRA target; `other_params`: every other weight of the model;
     `device_step_peak`: the traced peak of a training step; `device_resident`: the model and optimizer bytes on the
     device between steps (used when the device is the CPU); `largest_trainable`: elements of the largest tensor the
-    optimizer updates."""
+    optimizer updates; `gradients`: bytes of all gradients at once."""
     weight = 2 if recipe.model.dtype == "bf16" else 4
     on_cpu = recipe.train.device == "cpu"
     cpu_8bit = recipe.optim.name != "adamw"
@@ -76,7 +76,10 @@ def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device
         dense_targets = weight * sum(target_numels)
         setup = weight * other_params + max(dense_targets - masters, 0) + 4 * largest * keeps_master
     stepped_at_once = min(largest_trainable, SlicedAdamW8bit.slice_elements)
-    training = device_step_peak + (CPU_8BIT_STEP_BYTES * stepped_at_once if cpu_8bit else 0) if on_cpu else 0
+    # The optimizer step comes when every gradient exists: with few tokens per step (a CPU run) that moment, not the
+    # start of backward that the GPU-shaped step peak describes, can be the highest.
+    step = max(device_step_peak, device_resident + gradients)
+    training = step + (CPU_8BIT_STEP_BYTES * stepped_at_once if cpu_8bit else 0) if on_cpu else 0
     merge = 2 * 4 * largest * on_disk + (device_resident if on_cpu else 0)
     return HostRam(PROCESS_BYTES, masters, setup, training, merge)
 

@@ -216,7 +216,7 @@ def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
                   embedding if recipe.lora.train_embeddings or recipe.lora.train_lm_head else 0,
                   max(recipe.lora.rank * max(o, i) for o, i in shapes))
     return host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), keeps_master,
-                    largest)
+                    largest, relora["trainable weights"])
 
 
 def host_refusal(recipe: Recipe, available: int) -> str | None:
