@@ -1,17 +1,20 @@
 """What a run shows and records: a rich progress bar on a terminal, plain lines elsewhere, and metrics.jsonl.
 
 metrics.jsonl has one JSON object per line: a training record every `log.every` steps
-    {"step", "loss", "lr", "tokens", "tokens_per_s", "restarts"}
+    {"step", "loss", "lr", "tokens", "tokens_per_s", "restarts", "data_wait_s"}
 an evaluation record at each evaluation
     {"step", "eval_loss", "eval_ppl", "tokens"}
 and a restart record at each restart (retention: share of all merged updates the quantized base still holds)
     {"step", "restart", "merge_seconds", "retention"}.
+It is strict JSON: a NaN or infinite number (a skipped step's loss) is written as null. After a resume, the records
+the resumed run is about to write again are dropped first (drop_records_after), so each step has one record.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -30,10 +33,11 @@ class Reporter:
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
                 TextColumn("restart in {task.fields[to_restart]} (#{task.fields[restarts]})"),
+                TextColumn("data wait {task.fields[wait]}"),
                 TimeRemainingColumn(), console=self.console, transient=False,
             )
             self.task = self.progress.add_task("train", total=total_steps, loss="-", lr="-", speed="-",
-                                               to_restart="-", restarts=0)
+                                               to_restart="-", restarts=0, wait="-")
             self.progress.start()
 
     def step(self, record: dict, steps_to_restart: int) -> None:
@@ -41,7 +45,8 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], loss=f"{record['loss']:.3f}",
                                  lr=f"{record['lr']:.2e}", speed=f"{record['tokens_per_s']:,.0f}",
-                                 to_restart=steps_to_restart, restarts=record["restarts"])
+                                 to_restart=steps_to_restart, restarts=record["restarts"],
+                                 wait=f"{record.get('data_wait_s', 0.0):.2f} s")
 
     def eval(self, step: int, loss: float, tokens: int) -> None:
         self._write({"step": step, "eval_loss": loss, "eval_ppl": _ppl(loss), "tokens": tokens})
@@ -77,8 +82,34 @@ class Reporter:
         self.console.print(table)
 
     def _write(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(json_line(record))
         self.metrics.flush()
+
+
+def json_line(record: dict) -> str:
+    """One strict JSON line: non-finite floats (which json.dumps would write as the non-JSON NaN) become null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without the records a run resumed from the checkpoint of `step` writes again: training
+    and evaluation records of later steps, and restart records from `step` on (a restart at step s happens after the
+    checkpoint of step s). Records of a run killed past its last checkpoint would otherwise appear twice. Replaced
+    atomically; a torn last line (the kill came mid-write) is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record["step"] < step or record["step"] == step and "restart" not in record:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _ppl(loss: float) -> float:

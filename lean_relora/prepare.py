@@ -1,0 +1,131 @@
+"""`lean-relora prepare`: tokenize a recipe's documents once into the memory-mapped files of tokens.py.
+
+Everything is written into `.DIR.partial` beside DIR, fsynced, the manifest last, and only then renamed to DIR, so a
+directory with a manifest is always complete. An interrupted preparation leaves only the partial directory, which
+the next `prepare` removes before starting again.
+
+Tokenizing is the fast tokenizer's batch API (Rust, on every core, outside the GIL); the main thread only turns ids
+into a flat array and appends it to the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from itertools import chain
+from pathlib import Path
+
+import datasets
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lean_relora.corpus import DataError, load_documents
+from lean_relora.recipe import DataConfig
+from lean_relora.tokenizer import load_tokenizer
+from lean_relora.tokens import (DATA_KEYS, FORMAT, MANIFEST, TOKENIZER, document_ids, is_prepared, read_manifest,
+                                token_dtype, tokenizer_hash)
+
+BATCH_DOCUMENTS = 1000  # documents per tokenizer call: enough for every core, little memory
+
+
+def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Console | None = None) -> dict:
+    """Tokenize cfg's train and held-out documents into `out`; returns the manifest. A complete `out` made from the
+    same settings is returned as it is; one made from other settings, or any other non-empty directory, is refused
+    (DataError), never overwritten. max_tokens > 0 stops the train split at the first document end past that many
+    tokens (a hub stream has no end of its own)."""
+    if is_prepared(cfg):
+        raise DataError(f"data.source = '{cfg.source}': is prepared already; prepare the recipe that names the "
+                        "original source")
+    if max_tokens < 0:
+        raise DataError(f"--max-tokens {max_tokens}: must be >= 0 (0 = every document)")
+    out = Path(out)
+    want = {k: getattr(cfg, k) for k in DATA_KEYS}
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out, str(out))
+        if manifest["data"] == want and manifest["max_tokens"] == max_tokens:
+            return manifest
+        changed = sorted(k for k in want if manifest["data"].get(k) != want[k])
+        changed += ["max_tokens"] if manifest["max_tokens"] != max_tokens else []
+        raise DataError(f"--out {out}: holds data prepared with other {', '.join(changed)}; choose another --out "
+                        "or delete that directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"--out {out}: exists and is not a prepared data directory; choose a new one")
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left: started again from scratch
+    partial.mkdir(parents=True)
+    started = time.perf_counter()
+    train_docs, eval_docs = load_documents(cfg)
+    tok = load_tokenizer(cfg, partial, train_docs)  # a BPE is trained and saved right here, in partial/tokenizer
+    if cfg.tokenizer != "bpe":
+        tok.save_pretrained(partial / TOKENIZER)
+    dtype = token_dtype(len(tok))
+    with _progress(console) as progress:
+        splits = {"eval": _write_split(eval_docs, tok, partial / "eval", dtype, 0, progress),
+                  "train": _write_split(train_docs, tok, partial / "train", dtype, max_tokens, progress)}
+    if splits["train"]["tokens"] == 0 or splits["eval"]["tokens"] == 0:
+        raise DataError(f"data.source = '{cfg.source}': a split has no tokens; give more data")
+    manifest = {"format": FORMAT, "data": want, "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok),
+                "vocab_size": len(tok), "dtype": dtype.name, "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id, "splits": splits,
+                "seconds": round(time.perf_counter() - started, 3),
+                "versions": {"datasets": datasets.__version__}}
+    _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _sync_dir(partial)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.rename(partial, out)
+    _sync_dir(out.parent)
+    return manifest
+
+
+def _write_split(docs, tok, stem: Path, dtype: np.dtype, max_tokens: int, progress) -> dict:
+    streaming = isinstance(docs, datasets.IterableDataset)
+    total = (max_tokens or None) if streaming else len(docs)
+    task = progress.add_task(f"tokenize {stem.name}", total=total, tokens=0, speed="-")
+    started, documents, tokens = time.perf_counter(), 0, 0
+    with open(stem.with_suffix(".bin"), "wb") as ids_file, open(stem.with_suffix(".idx"), "wb") as idx_file:
+        idx_file.write(np.zeros(1, np.int64).tobytes())
+        for batch in docs.iter(batch_size=BATCH_DOCUMENTS):
+            ids = document_ids(tok, batch["text"])
+            ends = tokens + np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)))
+            if max_tokens and ends[-1] >= max_tokens:
+                keep = int(np.searchsorted(ends, max_tokens)) + 1  # up to the first document end at or past it
+                ids, ends = ids[:keep], ends[:keep]
+            ids_file.write(np.fromiter(chain.from_iterable(ids), dtype, int(ends[-1] - tokens)).tobytes())
+            idx_file.write(ends.tobytes())
+            documents, tokens = documents + len(ids), int(ends[-1])
+            speed = tokens / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, completed=tokens if streaming else documents, tokens=f"{tokens:,}",
+                            speed=f"{speed:,.0f}")
+            if max_tokens and tokens >= max_tokens:
+                break
+        for f in (ids_file, idx_file):
+            f.flush()
+            os.fsync(f.fileno())
+    return {"documents": documents, "tokens": tokens, "tokens_per_s": round(tokens / max(time.perf_counter() -
+                                                                                         started, 1e-9))}
+
+
+def _progress(console: Console | None) -> Progress:
+    console = console or Console(stderr=True)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                    TextColumn("{task.fields[tokens]} tokens, {task.fields[speed]} tokens/s"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
