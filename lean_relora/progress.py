@@ -93,23 +93,25 @@ def json_line(record: dict) -> str:
 
 
 def drop_records_after(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl without the records a run resumed from the checkpoint of `step` writes again: training
-    and evaluation records of later steps, and restart records from `step` on (a restart at step s happens after the
-    checkpoint of step s). Records of a run killed past its last checkpoint would otherwise appear twice. Replaced
-    atomically; a torn last line (the kill came mid-write) is dropped too."""
+    """Cut metrics.jsonl before the first record a run resumed from the checkpoint of `step` writes again: a training
+    or evaluation record of a later step, or a restart record from `step` on (a restart at step s happens after the
+    checkpoint of step s), or a torn line (the kill came mid-write). Records of a run killed past its checkpoint
+    would otherwise appear twice. Records are in step order, so all that follows goes too. Truncated in place, so a
+    Reporter already appending to the file writes on at the new end."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record["step"] < step or record["step"] == step and "restart" not in record:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with open(path, "rb") as f:
+        keep = 0
+        for line in f:
+            try:
+                record = json.loads(line)
+                redone = record["step"] > step or record["step"] == step and "restart" in record
+            except (ValueError, KeyError, TypeError):
+                redone = True
+            if redone or not line.endswith(b"\n"):
+                break
+            keep += len(line)
+    os.truncate(path, keep)
 
 
 def _ppl(loss: float) -> float:

@@ -7,6 +7,7 @@ from collections import Counter
 
 import datasets
 import huggingface_hub.constants
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,8 @@ import torch
 from pydoc_data.topics import topics
 
 from lean_relora.corpus import DataError, load_documents
-from lean_relora.data import build_data
+from lean_relora import data as data_module
+from lean_relora.data import StreamingPackedData, build_data
 from lean_relora.tokenizer import EOS, load_tokenizer
 from lean_relora.recipe import DataConfig
 
@@ -306,3 +308,39 @@ def test_error_unreachable_hub_dataset_fails_fast(monkeypatch):
         "be loaded; check the name, data.hub_config, data.split and the network, or use a local file "
         "(data.source = corpus.jsonl)"
     )
+
+
+# ----------------------------------------------------------------------------------------------- stream position
+
+
+def local_stream(path):
+    """A local jsonl read in streaming mode: a hub dataset without the network."""
+    return datasets.load_dataset("json", data_files=str(path), split="train", streaming=True).select_columns(["text"])
+
+
+@pytest.mark.parametrize("stop", [40, 180])  # within the first pass, and within the second
+def test_stream_resumes_from_its_saved_position_without_replay(tmp_path, stop):
+    docs = [f"<d{i}> " + " ".join(f"w{(i * j) % 11}" for j in range(i % 5)) for i in range(1000)]
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    cfg = DataConfig(seq_len=16)
+    tok = load_tokenizer(DataConfig(source=str(path)), tmp_path)
+    eval_blocks = np.zeros((1, 16), np.int64)
+    whole = StreamingPackedData(local_stream(path), tok, eval_blocks, cfg)
+    want = [whole.train_batch(i, 4) for i in range(250)]
+    per_pass = len(expected_stream(tok, docs)) // 16
+    assert torch.cat(want).flatten().tolist()[: per_pass * 16] == expected_stream(tok, docs)[: per_pass * 16]
+    assert 40 * 4 < per_pass < 180 * 4 < 2 * per_pass  # the stops fall in the first and the second pass
+
+    first = StreamingPackedData(local_stream(path), tok, eval_blocks, cfg)
+    for i in range(stop):
+        first.train_batch(i, 4)
+    saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint keeps it
+    resumed = StreamingPackedData(local_stream(path), tok, eval_blocks, cfg)
+    resumed.load_state_dict(saved)
+    got = [resumed.train_batch(i, 4) for i in range(stop, 250)]
+    assert all(a.equal(b) for a, b in zip(got, want[stop:], strict=True))
+    # No replay: only what the remaining batches need is read, plus at most the one tokenizer batch of documents
+    # the position falls in; replaying what was consumed would read far more.
+    slack = data_module.STREAM_DOCUMENTS
+    assert first.documents_read % 1000 > 2 * slack
+    assert resumed.documents_read <= whole.documents_read - first.documents_read + slack
