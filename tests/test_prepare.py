@@ -158,6 +158,8 @@ def test_mismatched_manifest_is_refused_with_one_line(corpus, tmp_path):
 def test_cli_prepare_then_train_and_a_mismatch_exits_2(tmp_path):
     from test_cli import TINY
 
+    code, output = invoke("prepare", "--help")
+    assert code == 0 and all(word in output for word in ("RECIPE", "--out", "--max-tokens", "--set"))
     (tmp_path / "tiny.toml").write_text(TINY)
     out = tmp_path / "tokens"
     code, output = invoke("prepare", tmp_path / "tiny.toml", "--out", out, "--set", "data.max_documents=30")
