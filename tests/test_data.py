@@ -17,6 +17,7 @@ from pydoc_data.topics import topics
 from lean_relora.corpus import DataError, load_documents
 from lean_relora import data as data_module
 from lean_relora.data import StreamingPackedData, build_data
+from lean_relora import tokenizer
 from lean_relora.tokenizer import EOS, load_tokenizer
 from lean_relora.recipe import DataConfig
 
@@ -344,3 +345,24 @@ def test_stream_resumes_from_its_saved_position_without_replay(tmp_path, stop):
     slack = data_module.STREAM_DOCUMENTS
     assert first.documents_read % 1000 > 2 * slack
     assert resumed.documents_read <= whole.documents_read - first.documents_read + slack
+
+
+def test_documents_start_with_bos_where_the_tokenizer_defines_one(tmp_path):
+    docs = marker_docs(12)
+    with_bos = tokenizer._train_bpe(docs, 300)
+    with_bos.add_special_tokens({"bos_token": "<s>"})
+    with_bos.save_pretrained(tmp_path / "bos")
+    cfg = DataConfig(source=str(write_jsonl(tmp_path / "m.jsonl", docs)), tokenizer=str(tmp_path / "bos"),
+                     seq_len=8, eval_fraction=0.25)
+    data, tok = build_data(cfg, tmp_path / "run")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert bos is not None and bos != eos
+    eval_stream = torch.cat(data.eval_batches(1, 10**6)).flatten().tolist()
+    _, test = load_documents(cfg)
+    want = [t for doc in texts(test) for t in [bos, *tok(doc, add_special_tokens=False)["input_ids"], eos]]
+    assert eval_stream == want[: len(eval_stream)] and eval_stream[0] == bos
+    # Without BOS (the trained BPE), EOS alone separates documents: expected_stream has no BOS.
+    plain, plain_tok = build_data(DataConfig(source=cfg.source, seq_len=8, eval_fraction=0.25), tmp_path / "plain")
+    assert plain_tok.bos_token_id is None
+    plain_stream = torch.cat(plain.eval_batches(1, 10**6)).flatten().tolist()
+    assert plain_stream == expected_stream(plain_tok, texts(test))[: len(plain_stream)]
