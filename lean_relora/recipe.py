@@ -61,7 +61,7 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from and how they are cut into training blocks."""
 
-    source: str = "pydoc"  # "pydoc" (CPython's bundled docs), a file/dir/glob of .txt/.jsonl/.json/.parquet (one .txt file: documents split at blank lines; several: one per file), or "hub:NAME" (streamed)
+    source: str = "pydoc"  # "pydoc" (CPython's bundled docs), a file/dir/glob of .txt/.jsonl/.json/.parquet (one .txt file: documents split at blank lines; several: one per file), "hub:NAME" (streamed), or "prepared:DIR" (token files written by `lean-relora prepare`)
     hub_config: str = ""  # configuration name of a hub dataset (e.g. "en" for allenai/c4)
     split: str = "train"  # split of a hub dataset
     text_column: str = "text"  # column holding the documents in jsonl/parquet/hub data
