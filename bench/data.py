@@ -56,14 +56,15 @@ def generate_jsonl(path: Path, megabytes: int, seed: int = 0) -> int:
 
 
 def timed_prepare(cfg: DataConfig, out: Path) -> dict:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()  # process time: every thread, the tokenizer's too
     manifest = prepare_data(cfg, out, console=Console(stderr=True))
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     train = manifest["splits"]["train"]
     tokens = train["tokens"] + manifest["splits"]["eval"]["tokens"]
     return {"documents": train["documents"] + manifest["splits"]["eval"]["documents"], "tokens": tokens,
             "train tokenize tokens/s": train["tokens_per_s"], "wall s (all)": seconds,
-            "tokens/s (all, wall)": tokens / seconds, "bytes": sum(p.stat().st_size for p in out.glob("*.bin"))}
+            "tokens/s (all, wall)": tokens / seconds, "cpu s (all)": cpu, "cores used": cpu / seconds,
+            "tokens per cpu s": tokens / cpu, "bytes": sum(p.stat().st_size for p in out.glob("*.bin"))}
 
 
 def reader(cfg: DataConfig, run_dir: Path, batch: int, seq_len: int, seconds: float) -> dict:
@@ -103,13 +104,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     table = Table(title=f"data throughput ({results['cores']} cores)")
-    for heading in ("what", "documents", "tokens", "tokens/s"):
+    for heading in ("what", "documents", "tokens", "tokens/s", "cores used", "tokens per cpu s"):
         table.add_column(heading, justify="left" if heading == "what" else "right")
     for name in ("prepare pydoc (BPE trained)", f"prepare {args.mb} MB jsonl"):
         r = results[name]
         table.add_row(name + " (tokenize train)", f"{r['documents']:,}", f"{r['tokens']:,}",
                       f"{r['train tokenize tokens/s']:,.0f}")
-        table.add_row(name + " (wall, all)", "", "", f"{r['tokens/s (all, wall)']:,.0f}")
+        table.add_row(name + " (wall, all)", "", "", f"{r['tokens/s (all, wall)']:,.0f}", f"{r['cores used']:.2f}",
+                      f"{r['tokens per cpu s']:,.0f}")
     r = results["reader (8 x 512, loader)"]
     table.add_row("reader (8 x 512 blocks, random order)", "", f"{r['micro-batches'] * batch * seq_len:,}",
                   f"{r['tokens/s']:,.0f}")

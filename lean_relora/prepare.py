@@ -53,11 +53,11 @@ def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Conso
                         "or delete that directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {out}: exists and is not a prepared data directory; choose a new one")
+    started = time.perf_counter()
+    train_docs, eval_docs = load_documents(cfg)
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left: started again from scratch
     partial.mkdir(parents=True)
-    started = time.perf_counter()
-    train_docs, eval_docs = load_documents(cfg)
     tok = load_tokenizer(cfg, partial, train_docs)  # a BPE is trained and saved right here, in partial/tokenizer
     if cfg.tokenizer != "bpe":
         tok.save_pretrained(partial / TOKENIZER)

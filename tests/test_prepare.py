@@ -223,3 +223,19 @@ def test_a_prepare_killed_halfway_is_detected_and_redone(tmp_path):
     prepared = tokens.open_prepared(DataConfig(**{**cfg.__dict__, "source": f"prepared:{out}"}))
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["eval"]["documents"] == len(docs)
     assert int(prepared.train.offsets[-1]) == len(prepared.train.tokens) == manifest["splits"]["train"]["tokens"]
+
+
+def test_a_stream_is_prepared_up_to_max_tokens_at_a_document_end(tmp_path, monkeypatch):
+    docs = marker_docs(200)
+    path = write_jsonl(tmp_path / "stream.jsonl", docs)
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *a, **k: real("json", data_files=str(path), split="train", streaming=True))
+    cfg = DataConfig(source="hub:someone/stub", bpe_vocab_size=300, eval_documents=10)
+    manifest = prepare_data(cfg, tmp_path / "out", max_tokens=1000)
+    prepared = tokens.open_prepared(on_prepared(cfg, tmp_path / "out"))
+    ends = prepared.train.offsets.tolist()
+    assert ends[-2] < 1000 <= ends[-1] == manifest["splits"]["train"]["tokens"]  # the document that crosses it ends
+    _, tok = build_data(on_prepared(cfg, tmp_path / "out", seq_len=16), tmp_path / "run")
+    assert prepared.train.tokens.tolist() == expected_stream(tok, docs[10 : 10 + len(ends) - 1])
+    assert prepared.eval.tokens.tolist() == expected_stream(tok, docs[:10])
