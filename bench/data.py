@@ -81,6 +81,31 @@ def reader(cfg: DataConfig, run_dir: Path, batch: int, seq_len: int, seconds: fl
             "step waited s": loader.wait_seconds, "train blocks": data.num_train_blocks}
 
 
+def mask_cost(rounds: int = 20) -> dict:
+    """Training step time of the tiny_cpu model on 8 x 128 pydoc blocks, causal over the block vs data.document_mask,
+    steps interleaved so that both see the same machine."""
+    import torch
+
+    from lean_relora.data import document_positions
+    from lean_relora.model import build_model
+
+    recipe = load_recipe(None)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, tok = build_data(recipe.data, Path(tmp))
+    model = build_model(recipe.model, len(tok), recipe.data.seq_len, tok.eos_token_id)
+    times = {"causal": [], "document_mask": []}
+    for i in range(rounds + 2):
+        ids = data.train_batch(i, 8)
+        for name, positions in (("causal", None), ("document_mask", document_positions(ids, tok.eos_token_id))):
+            started = time.perf_counter()
+            model(input_ids=ids, labels=ids, position_ids=positions).loss.backward()
+            if i >= 2:  # the first rounds warm up
+                times[name].append(time.perf_counter() - started)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {**{f"{name} step s": t for name, t in median.items()},
+            "document_mask / causal": median["document_mask"] / median["causal"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="size of the generated jsonl, in MB")
@@ -99,6 +124,7 @@ def main() -> None:
         results[f"prepare {args.mb} MB jsonl"] = timed_prepare(generated, tmp / "gen")
         prepared = DataConfig(**{**generated.__dict__, "source": f"prepared:{tmp / 'gen'}"})
         results["reader (8 x 512, loader)"] = reader(prepared, tmp / "run", batch, seq_len, seconds=20)
+    results["step with document_mask (tiny_cpu, 8 x 128)"] = mask_cost()
     results["load average after"] = os.getloadavg()[0]
     results["reader / need"] = results["reader (8 x 512, loader)"]["tokens/s"] / NEED
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +143,9 @@ def main() -> None:
                   f"{r['tokens/s']:,.0f}")
     table.add_row("1.3B step need (H100 peak bf16, 6N FLOP/token)", "", "", f"{NEED:,.0f}")
     Console().print(table)
-    print(f"reader / need = {results['reader / need']:,.0f}x; wrote {args.out}")
+    mask = results["step with document_mask (tiny_cpu, 8 x 128)"]["document_mask / causal"]
+    print(f"reader / need = {results['reader / need']:,.0f}x; step time document_mask / causal = {mask:.2f}; "
+          f"wrote {args.out}")
 
 
 if __name__ == "__main__":

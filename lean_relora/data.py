@@ -58,11 +58,23 @@ def _too_small(cfg: DataConfig, split: str, tokens: int, streaming: bool) -> Dat
     )
 
 
+def document_positions(ids: torch.Tensor, eos_token_id: int) -> torch.LongTensor:
+    """Position ids that restart at 0 after every EOS (and at the block start): given these and no attention mask,
+    transformers' causal mask becomes block-diagonal (find_packed_sequence_indices), so no token attends to another
+    document of its block (data.document_mask)."""
+    index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos_token_id
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
 class PackedData:
     """Token blocks of cfg.seq_len for training and evaluation: [n, seq_len] arrays in memory or memory-mapped."""
 
-    def __init__(self, train_blocks: np.ndarray | None, eval_blocks: np.ndarray, seed: int, vocab_size: int):
-        self.vocab_size = vocab_size
+    def __init__(self, train_blocks: np.ndarray | None, eval_blocks: np.ndarray, seed: int, vocab_size: int,
+                 eos_token_id: int | None = None):
+        self.vocab_size, self.eos_token_id = vocab_size, eos_token_id
         self.seq_len = eval_blocks.shape[1]
         self._train, self._eval = train_blocks, eval_blocks
         self._seed = seed % 2**63  # SeedSequence wants a non-negative entropy
@@ -117,7 +129,7 @@ class StreamingPackedData(PackedData):
     """
 
     def __init__(self, stream: datasets.IterableDataset, tok, eval_blocks: np.ndarray, cfg: DataConfig):
-        super().__init__(None, eval_blocks, cfg.shuffle_seed, len(tok))
+        super().__init__(None, eval_blocks, cfg.shuffle_seed, len(tok), tok.eos_token_id)
         self._stream, self._tok, self._cfg = stream, tok, cfg
         self._blocks_it: Iterator[tuple[np.ndarray, dict]] | None = None
         self._next = 0  # micro-batch index _blocks_it serves next
@@ -191,7 +203,7 @@ def build_data(cfg: DataConfig, cache_dir: Path, pretrained: str = "") -> tuple[
         raise _too_small(cfg, "eval", n_eval, streaming)
     if streaming:
         return StreamingPackedData(train_docs, tok, eval_blocks, cfg), tok
-    return PackedData(train_blocks, eval_blocks, cfg.shuffle_seed, len(tok)), tok
+    return PackedData(train_blocks, eval_blocks, cfg.shuffle_seed, len(tok), tok.eos_token_id), tok
 
 
 def _prepared_data(cfg: DataConfig, run_dir: Path) -> tuple[PackedData, PreTrainedTokenizerFast]:
@@ -212,7 +224,7 @@ def _prepared_data(cfg: DataConfig, run_dir: Path) -> tuple[PackedData, PreTrain
     for split, blocks in (("train", train_blocks), ("eval", eval_blocks)):
         if len(blocks) == 0:
             raise _too_small(cfg, split, prepared.manifest["splits"][split]["tokens"], streaming=False)
-    return PackedData(train_blocks, eval_blocks, cfg.shuffle_seed, len(tok)), tok
+    return PackedData(train_blocks, eval_blocks, cfg.shuffle_seed, len(tok), tok.eos_token_id), tok
 
 
 def build_eval_data(cfg: DataConfig, tok) -> PackedData:
@@ -226,4 +238,4 @@ def build_eval_data(cfg: DataConfig, tok) -> PackedData:
         eval_blocks, n_eval = _pack(eval_docs, tok, cfg.seq_len)
     if len(eval_blocks) == 0:
         raise _too_small(cfg, "eval", n_eval, streaming=cfg.source.startswith("hub:"))
-    return PackedData(None, eval_blocks, cfg.shuffle_seed, len(tok))
+    return PackedData(None, eval_blocks, cfg.shuffle_seed, len(tok), tok.eos_token_id)

@@ -72,6 +72,7 @@ class DataConfig:
     eval_documents: int = 200  # documents held out for evaluation (streaming hub data)
     shuffle_seed: int = 0  # seed of the document and block shuffle
     max_documents: int = 0  # read at most this many documents; 0 = all
+    document_mask: bool = False  # true: attention and position ids restart at each document of a packed block (a block-diagonal mask, slower); false: causal over the whole block
 
     def __post_init__(self):
         _positive(self, "seq_len", "bpe_vocab_size", "eval_documents")

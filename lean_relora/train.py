@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lean_relora import checkpoint
-from lean_relora.data import build_data
+from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
@@ -181,7 +181,7 @@ def train_step(run: Run) -> float:
         ids, state.data = run.loader.get(state.micro_batches)
         ids = ids.to(run.device, non_blocking=True)
         with autocast_context(recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids).loss
+            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
         # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
         (loss / recipe.train.grad_accum_steps).backward()
         total += loss.detach()
@@ -205,6 +205,11 @@ def train_step(run: Run) -> float:
     return loss
 
 
+def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
+    """Per-document positions where the recipe keeps attention within documents; None: the model's own 0..L-1."""
+    return document_positions(ids, run.data.eos_token_id) if run.recipe.data.document_mask else None
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean loss over the fixed eval blocks."""
@@ -213,7 +218,8 @@ def evaluate(run: Run) -> float:
     for ids in run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches):
         ids = ids.to(run.device)
         with autocast_context(run.recipe, run.device):
-            losses.append(run.model(input_ids=ids, labels=ids).loss.float().item())
+            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+            losses.append(loss.float().item())
     run.model.train()
     return sum(losses) / len(losses)
 

@@ -366,3 +366,21 @@ def test_documents_start_with_bos_where_the_tokenizer_defines_one(tmp_path):
     assert plain_tok.bos_token_id is None
     plain_stream = torch.cat(plain.eval_batches(1, 10**6)).flatten().tolist()
     assert plain_stream == expected_stream(plain_tok, texts(test))[: len(plain_stream)]
+
+
+def test_document_mask_keeps_attention_within_each_document(tiny_llama):
+    """With per-document positions a document's logits are those it gets alone; without them, earlier documents of
+    the block change them (attention crosses)."""
+    model = tiny_llama(vocab_size=50).eval()
+    eos, first, second = 0, [5, 6, 7, 8, 9], [11, 12, 13, 14]
+    block = torch.tensor([first + [eos] + second])
+    positions = data_module.document_positions(block, eos)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
+    alone = model(input_ids=torch.tensor([second])).logits[0]
+    with torch.no_grad():
+        masked = model(input_ids=block, position_ids=positions).logits[0, 6:]
+        crossing = model(input_ids=block).logits[0, 6:]
+    torch.testing.assert_close(masked, alone.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(crossing, alone.detach(), atol=1e-3)
+    two = data_module.document_positions(torch.tensor([[1, eos, eos, 2], [eos, 3, 4, eos]]), eos)
+    assert two.tolist() == [[0, 1, 0, 0], [0, 0, 1, 2]]

@@ -41,6 +41,7 @@ def tokenizer_cache(tmp_path_factory):
 
 
 def run_dir(tmp_path, tokenizer_cache):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for item in tokenizer_cache.iterdir():
         if item.name.startswith("tokenizer"):
             (shutil.copytree if item.is_dir() else shutil.copy)(item, tmp_path / item.name)
@@ -153,3 +154,12 @@ def test_a_streamed_run_resumes_from_the_streams_saved_position_to_the_same_loss
     assert "resumed from" in output and "replaying" not in output
     steps = [(r["step"], r["loss"]) for r in records(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
     assert steps == [(r["step"], r["loss"]) for r in records(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
+
+
+def test_a_run_with_document_mask_trains_and_differs_from_the_crossing_run(tmp_path, tokenizer_cache):
+    crossing = train(tiny_recipe(steps=6), run_dir(tmp_path / "crossing", tokenizer_cache))
+    recipe = tiny_recipe(steps=6)
+    recipe.data.document_mask = True
+    masked = train(recipe, run_dir(tmp_path / "masked", tokenizer_cache))
+    assert masked["last eval loss"] < masked["first eval loss"]
+    assert masked["first eval loss"] != crossing["first eval loss"]  # the positions reached the model
