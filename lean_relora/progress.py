@@ -23,8 +23,10 @@ from rich.table import Table
 
 
 class Reporter:
-    def __init__(self, metrics_path: Path, total_steps: int, console: Console | None = None, live: bool | None = None):
+    def __init__(self, metrics_path: Path, total_steps: int, console: Console | None = None, live: bool | None = None,
+                 sinks: list = ()):
         self.console = console or Console(stderr=True)
+        self.sinks = list(sinks)  # optional copies of every record (sinks.py: TensorBoard, W&B)
         self.live = self.console.is_terminal if live is None else live
         self.metrics = open(metrics_path, "a", encoding="utf-8")
         self.progress = None
@@ -76,6 +78,8 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
         self.metrics.close()
+        for sink in self.sinks:
+            sink.close()
         table = Table(title="run summary", show_header=False)
         for key, value in summary.items():
             table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else str(value))
@@ -84,6 +88,8 @@ class Reporter:
     def _write(self, record: dict) -> None:
         self.metrics.write(json_line(record))
         self.metrics.flush()
+        for sink in self.sinks:
+            sink.log(record)
 
 
 def json_line(record: dict) -> str:

@@ -22,8 +22,9 @@ FIDELITIES = ("master", "naive")
 MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
 # Fields a resumed run may change: how long, where and how much is reported, not what is trained.
-RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "eval.every", "eval.batches", "log.every",
-               "checkpoint.every", "checkpoint.keep_last", "checkpoint.max_bad_steps")
+RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "eval.every", "eval.batches",
+               "log.every", "log.tensorboard", "log.wandb", "checkpoint.every", "checkpoint.keep_last",
+               "checkpoint.max_bad_steps")
 
 
 class RecipeError(ValueError):
@@ -193,9 +194,12 @@ class LogConfig:
     """What is written and shown while training."""
 
     every: int = 10  # steps between metric lines in metrics.jsonl and progress updates
+    tensorboard: bool = False  # also write the metrics as TensorBoard events to RUN_DIR/tensorboard (extra: lean-relora[tensorboard])
+    wandb: str = ""  # "offline": also log to a Weights & Biases offline run in RUN_DIR/wandb (extra: lean-relora[wandb]); "" = off
 
     def __post_init__(self):
         _positive(self, "every")
+        _choice(self, "wandb", ("", "offline"))
 
 
 @dataclass

@@ -31,6 +31,7 @@ from lean_relora.progress import Reporter, drop_records_after
 from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, target_summary, wrap_model
 from lean_relora.schedule import JaggedCosine
+from lean_relora.sinks import check_sinks, open_sinks
 from lean_relora.state import Run, TrainState
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,15 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     started = time.perf_counter()
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
     found = _check_resume(recipe, run_dir, resume, force) if resume is not None else None
+    check_sinks(recipe.log)  # a missing optional library is bad input: refused before the costly setup
     # A resumed run's weights come from the checkpoint. A pretrained model still in its directory is streamed from
     # there (host RAM: one layer); one that moved, or a hub name, is built from the checkpoint's config instead.
     rebuild = found and recipe.model.pretrained and not streamable(recipe.model.pretrained)
     run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if rebuild else None)
     if found is not None:  # records of steps the resumed run redoes (it was killed past the checkpoint) go
         drop_records_after(run_dir / "metrics.jsonl", checkpoint.read_state(found[0])["train_state"]["step"])
-    reporter = reporter or Reporter(run_dir / "metrics.jsonl", end)
+    reporter = reporter or Reporter(run_dir / "metrics.jsonl", end,
+                                    sinks=open_sinks(recipe.log, run_dir, recipe.to_dict()))
     saved_step = _resume(run, *found, reporter) if found is not None else None
     state, schedule = run.state, run.schedule
     if state.step >= end and end < recipe.train.max_steps:
