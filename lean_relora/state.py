@@ -43,4 +43,9 @@ class Run:
     generator: torch.Generator  # LoRA (re)initialisation and random optimizer reset
     state: TrainState
     run_dir: Path | None = None  # where the run writes (disk masters live in run_dir/master)
-    loader: BatchLoader | None = None  # micro-batches made ahead of the step; built by train.setup
+    loader: BatchLoader | None = None  # micro-batches made ahead of the step; None: one over `data` is built
+
+    def __post_init__(self):
+        if self.loader is None:
+            self.loader = BatchLoader(self.data, self.recipe.train.micro_batch_size,
+                                      pin_memory=self.device.type == "cuda")

@@ -24,7 +24,6 @@ from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
-from lean_relora.loader import BatchLoader
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter, drop_records_after
@@ -117,8 +116,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
                             recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
                             recipe.relora.warm_start_steps)
     run = Run(recipe, device, data, model, None, schedule, torch.Generator().manual_seed(recipe.train.seed),
-              TrainState(), run_dir,
-              BatchLoader(data, recipe.train.micro_batch_size, pin_memory=device.type == "cuda"))
+              TrainState(), run_dir)
     if recipe.relora.warm_start_steps > 0:
         run.model = model.to(device)
         run.optimizer = build_optimizer(run.model, recipe.optim, device)
