@@ -12,10 +12,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 
 import torch
 
 DEPTH = 4  # micro-batches kept ready
+POLL = 0.1  # seconds between a blocked producer's looks at the stop flag
 
 
 class BatchLoader:
@@ -41,30 +43,37 @@ class BatchLoader:
 
     def _start(self, index: int) -> None:
         self._queue, self._stop = queue.Queue(self.depth), threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(index, self._queue, self._stop),
-                                        name="lean-relora-batches", daemon=True)
+        # The thread holds the data, not the loader: a loader dropped without close() (a Run built for one step)
+        # is collected, and its finalizer stops the thread.
+        self._thread = threading.Thread(target=_produce, name="lean-relora-batches", daemon=True,
+                                        args=(self.data, self.batch_size, self.pin_memory, index, self._queue,
+                                              self._stop))
         self._thread.start()
-
-    def _produce(self, index: int, out: queue.Queue, stop: threading.Event) -> None:
-        try:
-            while not stop.is_set():
-                batch = self.data.train_batch(index, self.batch_size)
-                if self.pin_memory:
-                    batch = batch.pin_memory()
-                out.put((batch, self.data.state_dict()))
-                index += 1
-        except BaseException as e:  # a DataError mid-stream surfaces in the step that asks for the batch
-            out.put(e)
+        weakref.finalize(self, self._stop.set)
 
     def close(self) -> None:
-        """Stop the thread (it may be blocked on a full queue: drain until it has seen the stop)."""
+        """Stop the thread; it sees the stop within POLL seconds, also when blocked on a full queue."""
         if self._thread is None:
             return
         self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(0.01)
+        self._thread.join()
         self._thread = None
+
+
+def _produce(data, batch_size: int, pin_memory: bool, index: int, out: queue.Queue, stop: threading.Event) -> None:
+    try:
+        while not stop.is_set():
+            batch = data.train_batch(index, batch_size)
+            _put(out, (batch.pin_memory() if pin_memory else batch, data.state_dict()), stop)
+            index += 1
+    except BaseException as e:  # a DataError mid-stream surfaces in the step that asks for the batch
+        _put(out, e, stop)
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=POLL)
+            return
+        except queue.Full:
+            pass

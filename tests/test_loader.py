@@ -1,5 +1,6 @@
 """lean_relora.loader: batches made ahead equal the data's own, in any order asked, and errors reach the step."""
 
+import gc
 import threading
 
 import numpy as np
@@ -22,8 +23,19 @@ def test_batches_equal_the_datas_own_in_sequence_and_after_a_jump():
     for index in [0, 1, 2, 3, 17, 18, 5, 6, 40]:
         batch, state = loader.get(index)
         assert batch.dtype == torch.long and batch.equal(source.train_batch(index, 3)) and state == {}
+    thread = loader._thread
     loader.close()
-    assert not any(t.name == "lean-relora-batches" for t in threading.enumerate())
+    assert not thread.is_alive()
+
+
+def test_a_loader_dropped_without_close_stops_its_thread():
+    loader = BatchLoader(data(), 3, depth=1)
+    loader.get(0)
+    thread = loader._thread
+    del loader
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_the_step_waits_only_when_the_producer_is_slow():

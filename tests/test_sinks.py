@@ -3,6 +3,7 @@ line."""
 
 import json
 import math
+import time
 
 import pytest
 
@@ -51,7 +52,10 @@ def test_wandb_offline_run_holds_the_records(tmp_path):
     reporter.step(RECORDS[1], 1)
     reporter.close({})
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    data = run.read_bytes()  # wandb's own record log: keys and JSON values are stored as written
+    deadline = time.monotonic() + 30  # wandb's own service process writes the file, after finish() has returned
+    while b"data_wait_s" not in (data := run.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # wandb's record log stores the keys and JSON values as they were logged
     assert b"train/loss" in data and json.dumps(5.25).encode() in data and b"data_wait_s" in data
 
 
