@@ -142,7 +142,7 @@ def main() -> None:
     table.add_row("reader (8 x 512 blocks, random order)", "", f"{r['micro-batches'] * batch * seq_len:,}",
                   f"{r['tokens/s']:,.0f}")
     table.add_row("1.3B step need (H100 peak bf16, 6N FLOP/token)", "", "", f"{NEED:,.0f}")
-    Console().print(table)
+    Console(width=150).print(table)
     mask = results["step with document_mask (tiny_cpu, 8 x 128)"]["document_mask / causal"]
     print(f"reader / need = {results['reader / need']:,.0f}x; step time document_mask / causal = {mask:.2f}; "
           f"wrote {args.out}")
