@@ -6,9 +6,10 @@ order in which blocks are served. That order is a pure function of (shuffle_seed
 run on local or prepared data needs nothing but the index: a seek. A stream cannot seek; its position is its own
 state (`state_dict`), which checkpoints keep.
 
-Packed blocks join documents end to end (BOS where the tokenizer has one, EOS after each) and attention is causal
-over the whole block: a token attends to earlier documents of its block too, as in GPT-2/3, LLaMA and the ReLoRA
-paper's pretraining. EOS (and BOS) mark the boundaries the model learns to reset at.
+Packed blocks join documents end to end (BOS where the tokenizer has one, EOS after each). By default attention is
+causal over the whole block: a token attends to earlier documents of its block too, as in GPT-2/3, LLaMA and the
+ReLoRA paper's pretraining, and EOS (and BOS) mark the boundaries the model learns to reset at. data.document_mask
+keeps attention within each document instead (document_positions).
 """
 
 from __future__ import annotations
