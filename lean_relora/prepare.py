@@ -1,8 +1,10 @@
 """`lean-relora prepare`: tokenize a recipe's documents once into the memory-mapped files of tokens.py.
 
 Everything is written into `.DIR.partial` beside DIR, fsynced, the manifest last, and only then renamed to DIR, so a
-directory with a manifest is always complete. An interrupted preparation leaves only the partial directory, which
-the next `prepare` removes before starting again.
+directory with a manifest is always complete. After every batch of documents the partial directory's progress.json
+records how far each split is written (fsynced files first); an interrupted preparation is continued from there by
+the next `prepare` of the same settings (the bytes past that point are cut off), and replaced by one of other
+settings.
 
 Tokenizing is the fast tokenizer's batch API (Rust, on every core, outside the GIL); the main thread only turns ids
 into a flat array and appends it to the file.
@@ -14,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 
 import datasets
@@ -25,10 +27,11 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from lean_relora.corpus import DataError, load_documents
 from lean_relora.recipe import DataConfig
 from lean_relora.tokenizer import load_tokenizer
-from lean_relora.tokens import (DATA_KEYS, FORMAT, MANIFEST, TOKENIZER, document_ids, is_prepared, read_manifest,
-                                token_dtype, tokenizer_hash)
+from lean_relora.tokens import (DATA_KEYS, FORMAT, MANIFEST, SPLITS, TOKENIZER, document_ids, is_prepared,
+                                read_manifest, token_dtype, tokenizer_hash)
 
 BATCH_DOCUMENTS = 1000  # documents per tokenizer call: enough for every core, little memory
+PROGRESS = "progress.json"  # in the partial directory: how far each split is written (what a rerun continues from)
 
 
 def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Console | None = None) -> dict:
@@ -56,22 +59,36 @@ def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Conso
     started = time.perf_counter()
     train_docs, eval_docs = load_documents(cfg)
     partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left: started again from scratch
-    partial.mkdir(parents=True)
-    tok = load_tokenizer(cfg, partial, train_docs)  # a BPE is trained and saved right here, in partial/tokenizer
+    state = _read_progress(partial, want, max_tokens)
+    if state is None:  # nothing to continue: what an interrupted run of other settings left goes
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    tok = load_tokenizer(cfg, partial, train_docs)  # a BPE is trained and saved here (or found: same settings)
+    if state is not None and state.get("tokenizer_sha256") != tokenizer_hash(tok):
+        state = None  # a pretrained tokenizer changed under its name: the files written with it are redone
     if cfg.tokenizer != "bpe":
         tok.save_pretrained(partial / TOKENIZER)
+    state = state or {"data": want, "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok)}
+    continued = {split: state[split]["documents"] for split in SPLITS if split in state}
     dtype = token_dtype(len(tok))
+
+    def save(split: str, position: dict) -> None:
+        state[split] = position
+        _write_synced(partial / f"{PROGRESS}.tmp", json.dumps(state).encode())
+        os.replace(partial / f"{PROGRESS}.tmp", partial / PROGRESS)
+
     with _progress(console) as progress:
-        splits = {"eval": _write_split(eval_docs, tok, partial / "eval", dtype, 0, progress),
-                  "train": _write_split(train_docs, tok, partial / "train", dtype, max_tokens, progress)}
+        splits = {split: _write_split(docs, tok, partial / split, dtype, limit, progress, state.get(split),
+                                      lambda position, split=split: save(split, position))
+                  for split, docs, limit in (("eval", eval_docs, 0), ("train", train_docs, max_tokens))}
     if splits["train"]["tokens"] == 0 or splits["eval"]["tokens"] == 0:
         raise DataError(f"data.source = '{cfg.source}': a split has no tokens; give more data")
     manifest = {"format": FORMAT, "data": want, "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok),
                 "vocab_size": len(tok), "dtype": dtype.name, "bos_token_id": tok.bos_token_id,
-                "eos_token_id": tok.eos_token_id, "splits": splits,
+                "eos_token_id": tok.eos_token_id, "splits": splits, "continued_from_documents": continued,
                 "seconds": round(time.perf_counter() - started, 3),
                 "versions": {"datasets": datasets.__version__}}
+    (partial / PROGRESS).unlink()
     _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
     _sync_dir(partial)
     if out.exists():
@@ -81,15 +98,41 @@ def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Conso
     return manifest
 
 
-def _write_split(docs, tok, stem: Path, dtype: np.dtype, max_tokens: int, progress) -> dict:
+def _read_progress(partial: Path, want: dict, max_tokens: int) -> dict | None:
+    """What an interrupted preparation of the same settings saved, or None."""
+    try:
+        state = json.loads((partial / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if state.get("data") == want and state.get("max_tokens") == max_tokens else None
+
+
+def _write_split(docs, tok, stem: Path, dtype: np.dtype, max_tokens: int, progress, start: dict | None,
+                 save) -> dict:
+    """Append docs' tokens to stem.bin/.idx from `start` (what a previous run saved) on; after every batch of
+    documents the files are fsynced and `save` records the position, so a kill loses at most that batch."""
+    if start is not None and start["done"]:
+        return start["counts"]
     streaming = isinstance(docs, datasets.IterableDataset)
+    documents, tokens = (start["documents"], start["tokens"]) if start else (0, 0)
     total = (max_tokens or None) if streaming else len(docs)
-    task = progress.add_task(f"tokenize {stem.name}", total=total, tokens=0, speed="-")
-    started, documents, tokens = time.perf_counter(), 0, 0
-    with open(stem.with_suffix(".bin"), "wb") as ids_file, open(stem.with_suffix(".idx"), "wb") as idx_file:
-        idx_file.write(np.zeros(1, np.int64).tobytes())
-        for batch in docs.iter(batch_size=BATCH_DOCUMENTS):
-            ids = document_ids(tok, batch["text"])
+    task = progress.add_task(f"tokenize {stem.name}", total=total, completed=tokens if streaming else documents,
+                             tokens=f"{tokens:,}", speed="-")
+    bin_path, idx_path = stem.with_suffix(".bin"), stem.with_suffix(".idx")
+    if start is None:
+        bin_path.write_bytes(b"")
+        idx_path.write_bytes(np.zeros(1, np.int64).tobytes())
+    else:  # what was written after the last saved position goes
+        os.truncate(bin_path, tokens * dtype.itemsize)
+        os.truncate(idx_path, (documents + 1) * 8)
+        if streaming:
+            docs.load_state_dict(start["stream"])
+        else:
+            docs = docs.select(range(documents, len(docs)))
+    started, first = time.perf_counter(), tokens
+    with open(bin_path, "ab") as ids_file, open(idx_path, "ab") as idx_file:
+        for texts, stream_state in _batches(docs, streaming):
+            ids = document_ids(tok, texts)
             ends = tokens + np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)))
             if max_tokens and ends[-1] >= max_tokens:
                 keep = int(np.searchsorted(ends, max_tokens)) + 1  # up to the first document end at or past it
@@ -97,16 +140,30 @@ def _write_split(docs, tok, stem: Path, dtype: np.dtype, max_tokens: int, progre
             ids_file.write(np.fromiter(chain.from_iterable(ids), dtype, int(ends[-1] - tokens)).tobytes())
             idx_file.write(ends.tobytes())
             documents, tokens = documents + len(ids), int(ends[-1])
-            speed = tokens / max(time.perf_counter() - started, 1e-9)
+            for f in (ids_file, idx_file):
+                f.flush()
+                os.fsync(f.fileno())
+            save({"documents": documents, "tokens": tokens, "stream": stream_state, "done": False})
+            speed = (tokens - first) / max(time.perf_counter() - started, 1e-9)
             progress.update(task, completed=tokens if streaming else documents, tokens=f"{tokens:,}",
                             speed=f"{speed:,.0f}")
             if max_tokens and tokens >= max_tokens:
                 break
-        for f in (ids_file, idx_file):
-            f.flush()
-            os.fsync(f.fileno())
-    return {"documents": documents, "tokens": tokens, "tokens_per_s": round(tokens / max(time.perf_counter() -
-                                                                                         started, 1e-9))}
+    counts = {"documents": documents, "tokens": tokens,
+              "tokens_per_s": round((tokens - first) / max(time.perf_counter() - started, 1e-9))}
+    save({"documents": documents, "tokens": tokens, "done": True, "counts": counts})
+    return counts
+
+
+def _batches(docs, streaming: bool):
+    """(texts, the stream's position after them) per batch of documents; a Dataset's position is its offset."""
+    if not streaming:
+        for batch in docs.iter(batch_size=BATCH_DOCUMENTS):
+            yield batch["text"], None
+        return
+    iterator = iter(docs)
+    while texts := [ex["text"] for ex in islice(iterator, BATCH_DOCUMENTS)]:
+        yield texts, docs.state_dict()
 
 
 def _progress(console: Console | None) -> Progress:

@@ -13,13 +13,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from rich.progress import Progress
 
 from lean_relora import tokens
 from lean_relora.corpus import DataError, load_documents
 from lean_relora.data import build_data
 from lean_relora.loader import BatchLoader
 from lean_relora.optim import set_lr
-from lean_relora.prepare import prepare_data
+from lean_relora.prepare import _write_split, prepare_data
 from lean_relora.progress import Reporter
 from lean_relora.recipe import DataConfig
 from lean_relora.tokenizer import _train_bpe
@@ -192,22 +193,25 @@ def test_prepare_again_is_a_no_op_and_never_overwrites_other_data(corpus, tmp_pa
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
 
 
-def test_a_prepare_killed_halfway_is_detected_and_redone(tmp_path):
+def test_a_prepare_killed_halfway_is_detected_and_continued_to_the_same_files(tmp_path):
     tokenizer_dir = tmp_path / "tok"
     _train_bpe(marker_docs(50), 400).save_pretrained(tokenizer_dir)
-    docs = [" ".join(f"<d{i}> w{j % 13}" for j in range(100)) for i in range(5_000)]
+    docs = [" ".join(f"<d{i}> w{j % 13}" for j in range(60)) for i in range(4_000)]
     source = write_jsonl(tmp_path / "big.jsonl", docs)
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'[data]\nsource = "{source}"\ntokenizer = "{tokenizer_dir}"\n')
     out = tmp_path / "out"
     process = subprocess.Popen([str(Path(sys.executable).parent / "lean-relora"), "prepare", str(recipe), "--out",
                                 str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    partial = tmp_path / ".out.partial" / "train.bin"
+    progress = tmp_path / ".out.partial" / "progress.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if partial.is_file() and partial.stat().st_size > 0:
-            os.kill(process.pid, signal.SIGKILL)
-            break
+        try:
+            if json.loads(progress.read_text()).get("train", {}).get("documents", 0) > 0:
+                os.kill(process.pid, signal.SIGKILL)  # some train documents are written, most are not
+                break
+        except (OSError, ValueError):
+            pass
         time.sleep(0.005)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
@@ -218,11 +222,14 @@ def test_a_prepare_killed_halfway_is_detected_and_redone(tmp_path):
     assert str(err.value) == (f"data.source = 'prepared:{out}': {out} is not a prepared data directory "
                               f"(manifest.json missing) (a preparation of it was interrupted); run lean-relora prepare "
                               f"RECIPE --out {out}")
-    manifest = prepare_data(cfg, out)
+    manifest = prepare_data(cfg, out)  # continues where the killed one had got to
+    assert 0 < manifest["continued_from_documents"]["train"] < manifest["splits"]["train"]["documents"]
     assert not (tmp_path / ".out.partial").exists()
-    prepared = tokens.open_prepared(DataConfig(**{**cfg.__dict__, "source": f"prepared:{out}"}))
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["eval"]["documents"] == len(docs)
-    assert int(prepared.train.offsets[-1]) == len(prepared.train.tokens) == manifest["splits"]["train"]["tokens"]
+    fresh = prepare_data(cfg, tmp_path / "fresh")
+    assert fresh["continued_from_documents"] == {}
+    for name in ("train.bin", "train.idx", "eval.bin", "eval.idx"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
 
 
 def test_a_stream_is_prepared_up_to_max_tokens_at_a_document_end(tmp_path, monkeypatch):
@@ -239,3 +246,29 @@ def test_a_stream_is_prepared_up_to_max_tokens_at_a_document_end(tmp_path, monke
     _, tok = build_data(on_prepared(cfg, tmp_path / "out", seq_len=16), tmp_path / "run")
     assert prepared.train.tokens.tolist() == expected_stream(tok, docs[10 : 10 + len(ends) - 1])
     assert prepared.eval.tokens.tolist() == expected_stream(tok, docs[:10])
+
+
+def test_a_stream_split_continues_from_its_saved_stream_position(tmp_path):
+    docs = [f"<d{i}> " + "w " * (i % 7) for i in range(2_500)]  # three batches of documents
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    stream = lambda: datasets.load_dataset("json", data_files=str(path), split="train",  # noqa: E731
+                                           streaming=True).select_columns(["text"])
+    tok = _train_bpe(docs[:50], 300)
+    quiet = Progress(disable=True)
+    saved = []
+
+    def killed_after_one_batch(position):
+        saved.append(position)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _write_split(stream(), tok, tmp_path / "cut", np.dtype(np.uint16), 0, quiet, None, killed_after_one_batch)
+    with open(tmp_path / "cut.bin", "ab") as f:
+        f.write(b"\x01\x02")  # bytes written past the saved position are cut off
+    position = json.loads(json.dumps(saved[0]))
+    assert position["documents"] == 1000 and position["stream"] is not None
+    counts = _write_split(stream(), tok, tmp_path / "cut", np.dtype(np.uint16), 0, quiet, position, lambda p: None)
+    whole = _write_split(stream(), tok, tmp_path / "whole", np.dtype(np.uint16), 0, quiet, None, lambda p: None)
+    assert counts["documents"] == whole["documents"] == 2_500 and counts["tokens"] == whole["tokens"]
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"cut{suffix}").read_bytes() == (tmp_path / f"whole{suffix}").read_bytes()
