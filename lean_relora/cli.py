@@ -200,6 +200,9 @@ def prepare(
     except (RecipeError, DataError) as e:
         _fail(console, str(e))
     train, held = manifest["splits"]["train"], manifest["splits"]["eval"]
+    if manifest.get("continued_from_documents", {}).get("train"):
+        console.print(f"continued an interrupted preparation from train document "
+                      f"{manifest['continued_from_documents']['train']:,}", highlight=False)
     console.print(f"prepared {train['tokens']:,} train tokens ({train['documents']:,} documents) and "
                   f"{held['tokens']:,} eval tokens ({held['documents']:,} documents) as {manifest['dtype']} in {out}; "
                   f"train on them with --set data.source=prepared:{out}", highlight=False, soft_wrap=True)
