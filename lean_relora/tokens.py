@@ -84,9 +84,11 @@ def read_manifest(directory: Path, source: str) -> dict:
                         f"missing){hint}; run lean-relora prepare RECIPE --out {directory}")
     try:
         manifest = json.loads(path.read_text())
-        assert manifest["format"] == FORMAT and set(SPLITS) <= set(manifest["splits"])
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise DataError(f"data.source = '{source}': {path} is damaged or of another format; prepare it again") from None
+        usable = manifest["format"] == FORMAT and set(SPLITS) <= set(manifest["splits"]) and "data" in manifest
+    except (ValueError, KeyError, TypeError):
+        usable = False
+    if not usable:
+        raise DataError(f"data.source = '{source}': {path} is damaged or of another format; prepare it again")
     return manifest
 
 

@@ -4,6 +4,7 @@ that does not match the recipe is refused with one line."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,3 +273,20 @@ def test_a_stream_split_continues_from_its_saved_stream_position(tmp_path):
     assert counts["documents"] == whole["documents"] == 2_500 and counts["tokens"] == whole["tokens"]
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"cut{suffix}").read_bytes() == (tmp_path / f"whole{suffix}").read_bytes()
+
+
+def test_a_truncated_or_damaged_preparation_is_refused_with_one_line(corpus, tmp_path):
+    cfg, directory = corpus
+    copy = Path(shutil.copytree(directory, tmp_path / "copy"))
+    size = (copy / "train.bin").stat().st_size
+    os.truncate(copy / "train.bin", size - 2)
+    source = f"prepared:{copy}"
+    with pytest.raises(DataError) as err:
+        tokens.open_prepared(on_prepared(cfg, copy))
+    assert str(err.value) == (f"data.source = '{source}': {copy / 'train.bin'} is {size - 2} bytes, the manifest "
+                              f"says {size}; prepare it again")
+    (copy / "manifest.json").write_text('{"format": 1, "spl')
+    with pytest.raises(DataError) as err:
+        tokens.open_prepared(on_prepared(cfg, copy))
+    assert str(err.value) == (f"data.source = '{source}': {copy / 'manifest.json'} is damaged or of another format; "
+                              "prepare it again")
