@@ -77,3 +77,16 @@ def test_an_error_in_the_producer_is_raised_by_get():
     with pytest.raises(DataError, match="the stream ended early"):
         loader.get(2)
     loader.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (CPU-only machine)")
+def test_on_cuda_batches_come_pinned_and_copy_without_blocking():
+    source = data()
+    loader = BatchLoader(source, 3, pin_memory=True)
+    batch, _ = loader.get(0)
+    assert batch.is_pinned()
+    on_gpu = batch.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert on_gpu.cpu().equal(source.train_batch(0, 3))
+    loader.close()
