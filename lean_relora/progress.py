@@ -101,9 +101,9 @@ def json_line(record: dict) -> str:
 def drop_records_after(path: Path, step: int) -> None:
     """Cut metrics.jsonl before the first record a run resumed from the checkpoint of `step` writes again: a training
     or evaluation record of a later step, or a restart record from `step` on (a restart at step s happens after the
-    checkpoint of step s), or a torn line (the kill came mid-write). Records of a run killed past its checkpoint
-    would otherwise appear twice. Records are in step order, so all that follows goes too. Truncated in place, so a
-    Reporter already appending to the file writes on at the new end."""
+    checkpoint of step s), or a torn line (the kill came mid-write). Records of a run killed past its checkpoint would
+    otherwise appear twice. Records are in step order, so all that follows goes too; a record without a step stays.
+    Truncated in place, so a Reporter already appending to the file writes on at the new end."""
     if not path.is_file():
         return
     with open(path, "rb") as f:
@@ -111,9 +111,10 @@ def drop_records_after(path: Path, step: int) -> None:
         for line in f:
             try:
                 record = json.loads(line)
-                redone = record["step"] > step or record["step"] == step and "restart" in record
-            except (ValueError, KeyError, TypeError):
-                redone = True
+            except ValueError:  # a torn line
+                break
+            at = record.get("step") if isinstance(record, dict) else None
+            redone = isinstance(at, int) and (at > step or at == step and "restart" in record)
             if redone or not line.endswith(b"\n"):
                 break
             keep += len(line)
