@@ -196,7 +196,7 @@ def prepare(
     try:
         loaded = load_recipe(recipe, list(set_ or []))
         out = out or Path("prepared") / (recipe.stem if recipe else "tiny_cpu")
-        manifest = prepare_data(loaded.data, out, max_tokens, console)
+        manifest = prepare_data(loaded.data, out, max_tokens, console, loaded.model.pretrained)
     except (RecipeError, DataError) as e:
         _fail(console, str(e))
     train, held = manifest["splits"]["train"], manifest["splits"]["eval"]

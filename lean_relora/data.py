@@ -24,11 +24,11 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lean_relora.corpus import DataError, load_documents
 from lean_relora.recipe import DataConfig
-from lean_relora.tokenizer import load_tokenizer
+from lean_relora.tokenizer import SAVED, load_tokenizer, tokenizer_name
 from lean_relora import tokens
 
 _INT32_IDS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})  # half int64's RAM
@@ -207,20 +207,19 @@ def build_data(cfg: DataConfig, cache_dir: Path, pretrained: str = "") -> tuple[
     return PackedData(train_blocks, eval_blocks, cfg.shuffle_seed, len(tok), tok.eos_token_id), tok
 
 
-def _prepared_data(cfg: DataConfig, run_dir: Path) -> tuple[PackedData, PreTrainedTokenizerFast]:
-    """Memory-mapped blocks of a prepared directory, with the tokenizer that wrote them (a BPE is copied into the run
-    directory, where a resume, export and eval find it)."""
+def _prepared_data(cfg: DataConfig, run_dir: Path, pretrained: str) -> tuple[PackedData, PreTrainedTokenizerFast]:
+    """Memory-mapped blocks of a prepared directory, with the very tokenizer that wrote them, copied into the run
+    directory (where a resume, export and eval find it, as for any run)."""
     prepared = tokens.open_prepared(cfg)
-    if cfg.tokenizer == "bpe":
-        target = Path(run_dir) / "tokenizer"
-        if not target.is_dir():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(prepared.directory / tokens.TOKENIZER, target.parent / ".tokenizer.tmp", dirs_exist_ok=True)
-            (target.parent / ".tokenizer.tmp").rename(target)
-        tok = PreTrainedTokenizerFast.from_pretrained(target)
-    else:
-        tok = load_tokenizer(cfg, run_dir)
-    tokens.check_matches(prepared, cfg, tok)
+    tokens.check_matches(prepared, cfg, tokenizer_name(cfg, pretrained))
+    target = Path(run_dir) / SAVED
+    if not target.is_dir():
+        partial = Path(run_dir) / f".{SAVED}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(prepared.directory / tokens.TOKENIZER, partial)
+        partial.rename(target)
+    tok = AutoTokenizer.from_pretrained(target)
+    tokens.check_tokenizer(prepared, cfg, tok)
     train_blocks, eval_blocks = (getattr(prepared, s).blocks(cfg.seq_len) for s in tokens.SPLITS)
     for split, blocks in (("train", train_blocks), ("eval", eval_blocks)):
         if len(blocks) == 0:
@@ -232,7 +231,7 @@ def build_eval_data(cfg: DataConfig, tok) -> PackedData:
     """Eval blocks only: cfg's held-out documents, packed with a trained run's tokenizer (never retrained here)."""
     if tokens.is_prepared(cfg):
         prepared = tokens.open_prepared(cfg)
-        tokens.check_matches(prepared, cfg, tok)
+        tokens.check_tokenizer(prepared, cfg, tok)
         eval_blocks, n_eval = prepared.eval.blocks(cfg.seq_len), prepared.manifest["splits"]["eval"]["tokens"]
     else:
         _, eval_docs = load_documents(cfg)

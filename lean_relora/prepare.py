@@ -26,19 +26,21 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from lean_relora.corpus import DataError, load_documents
 from lean_relora.recipe import DataConfig
-from lean_relora.tokenizer import load_tokenizer
-from lean_relora.tokens import (DATA_KEYS, FORMAT, MANIFEST, SPLITS, TOKENIZER, document_ids, is_prepared,
-                                read_manifest, token_dtype, tokenizer_hash)
+from lean_relora.tokenizer import load_tokenizer, tokenizer_name
+from lean_relora.tokens import (DATA_KEYS, FORMAT, MANIFEST, SPLITS, document_ids, is_prepared, read_manifest,
+                                token_dtype, tokenizer_hash)
 
 BATCH_DOCUMENTS = 1000  # documents per tokenizer call: enough for every core, little memory
 PROGRESS = "progress.json"  # in the partial directory: how far each split is written (what a rerun continues from)
 
 
-def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Console | None = None) -> dict:
+def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Console | None = None,
+                 pretrained: str = "") -> dict:
     """Tokenize cfg's train and held-out documents into `out`; returns the manifest. A complete `out` made from the
     same settings is returned as it is; one made from other settings, or any other non-empty directory, is refused
     (DataError), never overwritten. max_tokens > 0 stops the train split at the first document end past that many
-    tokens (a hub stream has no end of its own)."""
+    tokens (a hub stream has no end of its own). `pretrained` (model.pretrained) names the tokenizer data.tokenizer =
+    "" stands for."""
     if is_prepared(cfg):
         raise DataError(f"data.source = '{cfg.source}': is prepared already; prepare the recipe that names the "
                         "original source")
@@ -63,11 +65,10 @@ def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Conso
     if state is None:  # nothing to continue: what an interrupted run of other settings left goes
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    tok = load_tokenizer(cfg, partial, train_docs)  # a BPE is trained and saved here (or found: same settings)
+    # Saved in partial/tokenizer (a BPE is trained there), or found there when continuing with the same settings.
+    tok = load_tokenizer(cfg, partial, train_docs, pretrained)
     if state is not None and state.get("tokenizer_sha256") != tokenizer_hash(tok):
         state = None  # a pretrained tokenizer changed under its name: the files written with it are redone
-    if cfg.tokenizer != "bpe":
-        tok.save_pretrained(partial / TOKENIZER)
     state = state or {"data": want, "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok)}
     continued = {split: state[split]["documents"] for split in SPLITS if split in state}
     dtype = token_dtype(len(tok))
@@ -83,7 +84,8 @@ def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Conso
                   for split, docs, limit in (("eval", eval_docs, 0), ("train", train_docs, max_tokens))}
     if splits["train"]["tokens"] == 0 or splits["eval"]["tokens"] == 0:
         raise DataError(f"data.source = '{cfg.source}': a split has no tokens; give more data")
-    manifest = {"format": FORMAT, "data": want, "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok),
+    manifest = {"format": FORMAT, "data": want, "max_tokens": max_tokens,
+                "tokenizer": tokenizer_name(cfg, pretrained), "tokenizer_sha256": tokenizer_hash(tok),
                 "vocab_size": len(tok), "dtype": dtype.name, "bos_token_id": tok.bos_token_id,
                 "eos_token_id": tok.eos_token_id, "splits": splits, "continued_from_documents": continued,
                 "seconds": round(time.perf_counter() - started, 3),

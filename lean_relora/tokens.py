@@ -6,7 +6,7 @@ A prepared directory (data.source = "prepared:DIR") holds, per split ("train", "
                   array of uint16 (vocabularies up to 65,536 tokens) or uint32
     train.idx     int64 document offsets into train.bin: documents + 1 entries, first 0, last the token count
     eval.bin, eval.idx   the held-out documents, the same way
-    tokenizer/    the tokenizer that wrote them (a trained BPE is trained here, and a run copies it to its run dir)
+    tokenizer/    the tokenizer that wrote them (a BPE is trained right here); a run copies it into its run dir
     manifest.json written last: the data settings it came from, the tokenizer and its hash, dtype and counts
 
 Blocks are cut when training reads them (data.seq_len is not part of the files): block i of a split is tokens
@@ -24,10 +24,11 @@ import numpy as np
 
 from lean_relora.corpus import DataError
 from lean_relora.recipe import DataConfig
+from lean_relora.tokenizer import SAVED as TOKENIZER  # the directory name a run keeps its tokenizer under, too
 
 PREFIX = "prepared:"
 FORMAT = 1
-MANIFEST, TOKENIZER = "manifest.json", "tokenizer"
+MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 # The recipe fields that decide which documents are prepared and how they are tokenized (not seq_len: blocks are cut
 # when read).
@@ -84,7 +85,8 @@ def read_manifest(directory: Path, source: str) -> dict:
                         f"missing){hint}; run lean-relora prepare RECIPE --out {directory}")
     try:
         manifest = json.loads(path.read_text())
-        usable = manifest["format"] == FORMAT and set(SPLITS) <= set(manifest["splits"]) and "data" in manifest
+        usable = (manifest["format"] == FORMAT and set(SPLITS) <= set(manifest["splits"]) and "data" in manifest
+                  and "tokenizer" in manifest)
     except (ValueError, KeyError, TypeError):
         usable = False
     if not usable:
@@ -114,20 +116,26 @@ def open_prepared(cfg: DataConfig) -> Prepared:
     return Prepared(directory, manifest, **splits)
 
 
-def check_matches(prepared: Prepared, cfg: DataConfig, tok) -> None:
-    """DataError (one line) unless the recipe asks for the tokenizer the files were written with."""
-    made = prepared.manifest["data"]
+def check_matches(prepared: Prepared, cfg: DataConfig, name: str) -> None:
+    """DataError (one line) unless the recipe names the tokenizer the files were written with (`name`: what
+    data.tokenizer stands for, tokenizer.tokenizer_name)."""
     where = f"data.source = '{cfg.source}'"
-    if made["tokenizer"] != cfg.tokenizer:
-        raise DataError(f"{where}: prepared with data.tokenizer = '{made['tokenizer']}', the recipe says "
-                        f"'{cfg.tokenizer}'; set data.tokenizer to match or prepare again with this recipe")
-    if cfg.tokenizer == "bpe" and made["bpe_vocab_size"] != cfg.bpe_vocab_size:
-        raise DataError(f"{where}: prepared with data.bpe_vocab_size = {made['bpe_vocab_size']}, the recipe says "
-                        f"{cfg.bpe_vocab_size}; set it to match or prepare again with this recipe")
+    if prepared.manifest["tokenizer"] != name:
+        raise DataError(f"{where}: prepared with tokenizer '{prepared.manifest['tokenizer']}', the recipe's is "
+                        f"'{name}'; set data.tokenizer to match or prepare again with this recipe")
+    made = prepared.manifest["data"]["bpe_vocab_size"]
+    if name == "bpe" and made != cfg.bpe_vocab_size:
+        raise DataError(f"{where}: prepared with data.bpe_vocab_size = {made}, the recipe says {cfg.bpe_vocab_size}; "
+                        "set it to match or prepare again with this recipe")
+
+
+def check_tokenizer(prepared: Prepared, cfg: DataConfig, tok) -> None:
+    """DataError (one line) unless `tok` is, by its hash, the tokenizer the files were written with."""
     digest = tokenizer_hash(tok)
     if digest != prepared.manifest["tokenizer_sha256"]:
-        raise DataError(f"{where}: the tokenizer in use (sha256 {digest[:12]}) is not the one the files were written "
-                        f"with ({prepared.manifest['tokenizer_sha256'][:12]}); prepare again or use that tokenizer")
+        raise DataError(f"data.source = '{cfg.source}': the tokenizer in use (sha256 {digest[:12]}) is not the one the "
+                        f"files were written with ({prepared.manifest['tokenizer_sha256'][:12]}); prepare again or "
+                        "use that tokenizer")
 
 
 def document_ids(tok, texts: list[str]) -> list[list[int]]:

@@ -142,7 +142,7 @@ def test_mismatched_manifest_is_refused_with_one_line(corpus, tmp_path):
     other = tmp_path / "other_tokenizer"
     _train_bpe(["some other text to learn from"] * 3, 300).save_pretrained(other)
     cases["name"] = (on_prepared(cfg, directory, tokenizer=str(other)),
-                     f"data.source = '{source}': prepared with data.tokenizer = 'bpe', the recipe says '{other}'; set "
+                     f"data.source = '{source}': prepared with tokenizer 'bpe', the recipe's is '{other}'; set "
                      "data.tokenizer to match or prepare again with this recipe")
     for cfg_, message in cases.values():
         with pytest.raises(DataError) as err:
