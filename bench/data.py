@@ -84,8 +84,6 @@ def reader(cfg: DataConfig, run_dir: Path, batch: int, seq_len: int, seconds: fl
 def mask_cost(rounds: int = 20) -> dict:
     """Training step time of the tiny_cpu model on 8 x 128 pydoc blocks, causal over the block vs data.document_mask,
     steps interleaved so that both see the same machine."""
-    import torch
-
     from lean_relora.data import document_positions
     from lean_relora.model import build_model
 
