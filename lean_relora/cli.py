@@ -176,6 +176,38 @@ def memory_estimate(
         out.print(renderable)
 
 
+@app.command()
+def prepare(
+    recipe: RecipeArg = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="New directory for the token files \\[default: prepared/<recipe>].", show_default=False)] = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Stop the train split at the first document end past N tokens; 0 = every document (a "
+        "hub stream needs a limit).")] = 0,
+):
+    """Tokenize the recipe's data once into memory-mapped token files; train on them with
+    --set data.source=prepared:OUT."""
+    console = _setup_logging()
+    from lean_relora.corpus import DataError
+    from lean_relora.prepare import prepare_data
+    from lean_relora.recipe import RecipeError, load_recipe
+
+    try:
+        loaded = load_recipe(recipe, list(set_ or []))
+        out = out or Path("prepared") / (recipe.stem if recipe else "tiny_cpu")
+        manifest = prepare_data(loaded.data, out, max_tokens, console, loaded.model.pretrained)
+    except (RecipeError, DataError) as e:
+        _fail(console, str(e))
+    train, held = manifest["splits"]["train"], manifest["splits"]["eval"]
+    if manifest.get("continued_from_documents", {}).get("train"):
+        console.print(f"continued an interrupted preparation from train document "
+                      f"{manifest['continued_from_documents']['train']:,}", highlight=False)
+    console.print(f"prepared {train['tokens']:,} train tokens ({train['documents']:,} documents) and "
+                  f"{held['tokens']:,} eval tokens ({held['documents']:,} documents) as {manifest['dtype']} in {out}; "
+                  f"train on them with --set data.source=prepared:{out}", highlight=False, soft_wrap=True)
+
+
 SourceArg = Annotated[Path, typer.Argument(
     metavar="RUN_OR_CHECKPOINT", help="A run directory (its newest intact checkpoint) or one checkpoint directory.",
     show_default=False)]

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from lean_relora import checkpoint
-from lean_relora.data import build_eval_data
+from lean_relora.data import build_eval_data, document_positions
 from lean_relora.model import DTYPES
 from lean_relora.recipe import Recipe
 from lean_relora.relora import ReLoRALinear, wrap_model
@@ -122,13 +122,14 @@ def evaluate_checkpoint(source: str | Path, data: str | None = None) -> dict:
     recipe, device = trained.recipe, resolve_device(trained.recipe.train.device)
     trained.model.to(device)
     cfg = recipe.data if data is None else dataclasses.replace(recipe.data, source=data)
-    batches = build_eval_data(cfg, run_tokenizer(trained)).eval_batches(recipe.train.micro_batch_size,
-                                                                          recipe.eval.batches)
+    data = build_eval_data(cfg, run_tokenizer(trained))
+    batches = data.eval_batches(recipe.train.micro_batch_size, recipe.eval.batches)
     losses = []
     for ids in batches:
         ids = ids.to(device)
+        positions = document_positions(ids, data.eos_token_id) if recipe.data.document_mask else None
         with autocast_context(recipe, device):
-            losses.append(trained.model(input_ids=ids, labels=ids).loss.float().item())
+            losses.append(trained.model(input_ids=ids, labels=ids, position_ids=positions).loss.float().item())
     loss = sum(losses) / len(losses)
     return {"checkpoint": str(trained.path), "step": checkpoint.read_state(trained.path)["train_state"]["step"],
             "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "tokens": sum(ids.numel() for ids in batches),

@@ -35,6 +35,9 @@ class RandomTokens:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         return torch.randint(0, self.vocab_size, (batch, self.seq_len), generator=generator)
 
+    def state_dict(self) -> dict:
+        return {}  # the index is the whole position
+
 
 @dataclass
 class Measured:

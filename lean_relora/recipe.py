@@ -22,8 +22,9 @@ FIDELITIES = ("master", "naive")
 MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
 # Fields a resumed run may change: how long, where and how much is reported, not what is trained.
-RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "eval.every", "eval.batches", "log.every",
-               "checkpoint.every", "checkpoint.keep_last", "checkpoint.max_bad_steps")
+RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "eval.every", "eval.batches",
+               "log.every", "log.tensorboard", "log.wandb", "checkpoint.every", "checkpoint.keep_last",
+               "checkpoint.max_bad_steps")
 
 
 class RecipeError(ValueError):
@@ -61,7 +62,7 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from and how they are cut into training blocks."""
 
-    source: str = "pydoc"  # "pydoc" (CPython's bundled docs), a file/dir/glob of .txt/.jsonl/.json/.parquet (one .txt file: documents split at blank lines; several: one per file), or "hub:NAME" (streamed)
+    source: str = "pydoc"  # "pydoc" (CPython's bundled docs), a file/dir/glob of .txt/.jsonl/.json/.parquet (one .txt file: documents split at blank lines; several: one per file), "hub:NAME" (streamed), or "prepared:DIR" (token files written by `lean-relora prepare`)
     hub_config: str = ""  # configuration name of a hub dataset (e.g. "en" for allenai/c4)
     split: str = "train"  # split of a hub dataset
     text_column: str = "text"  # column holding the documents in jsonl/parquet/hub data
@@ -72,6 +73,7 @@ class DataConfig:
     eval_documents: int = 200  # documents held out for evaluation (streaming hub data)
     shuffle_seed: int = 0  # seed of the document and block shuffle
     max_documents: int = 0  # read at most this many documents; 0 = all
+    document_mask: bool = False  # true: attention and position ids restart at each document of a packed block (a block-diagonal mask, slower); false: causal over the whole block
 
     def __post_init__(self):
         _positive(self, "seq_len", "bpe_vocab_size", "eval_documents")
@@ -192,9 +194,12 @@ class LogConfig:
     """What is written and shown while training."""
 
     every: int = 10  # steps between metric lines in metrics.jsonl and progress updates
+    tensorboard: bool = False  # also write the metrics as TensorBoard events to RUN_DIR/tensorboard (extra: lean-relora[tensorboard])
+    wandb: str = ""  # "offline": also log to a Weights & Biases offline run in RUN_DIR/wandb (extra: lean-relora[wandb]); "" = off
 
     def __post_init__(self):
         _positive(self, "every")
+        _choice(self, "wandb", ("", "offline"))
 
 
 @dataclass

@@ -47,7 +47,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
     """The records of a run by kind ("train", "eval", "restart"), each list sorted by step.
 
     A resumed run re-logs the steps after its checkpoint, so for each (kind, step) the last record wins: it is the
-    one the continued run computed. A skipped step logs a NaN loss (json reads it); it plots as a gap."""
+    one the continued run computed. A skipped step logs a null loss (NaN in older files); it plots as a gap."""
     path = Path(run_dir) / METRICS
     if not Path(run_dir).is_dir():
         raise ReportError(f"{run_dir}: no such run directory")

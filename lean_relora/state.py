@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from lean_relora.data import PackedData
+from lean_relora.loader import BatchLoader
 from lean_relora.recipe import Recipe
 from lean_relora.schedule import JaggedCosine
 
 
 @dataclass
 class TrainState:
-    """Counters of a run; the data position is `micro_batches` (see PackedData.train_batch)."""
+    """Counters of a run; the data position is `micro_batches` (see PackedData.train_batch), and for a stream
+    also `data` (StreamingPackedData.state_dict)."""
 
     step: int = 0  # optimizer steps done
     restarts: int = 0  # merges done
@@ -27,6 +29,7 @@ class TrainState:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every evaluation
     skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (counted in `step`, no update made)
     bad_steps: int = 0  # of those, how many in a row up to now
+    data: dict = field(default_factory=dict)  # a stream's position after the last micro-batch consumed ({}: the index says all)
 
 
 @dataclass
@@ -40,3 +43,9 @@ class Run:
     generator: torch.Generator  # LoRA (re)initialisation and random optimizer reset
     state: TrainState
     run_dir: Path | None = None  # where the run writes (disk masters live in run_dir/master)
+    loader: BatchLoader | None = None  # micro-batches made ahead of the step; None: one over `data` is built
+
+    def __post_init__(self):
+        if self.loader is None:
+            self.loader = BatchLoader(self.data, self.recipe.train.micro_batch_size,
+                                      pin_memory=self.device.type == "cuda")

@@ -20,16 +20,17 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lean_relora import checkpoint
-from lean_relora.data import build_data
+from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
-from lean_relora.progress import Reporter
+from lean_relora.progress import Reporter, drop_records_after
 from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, target_summary, wrap_model
 from lean_relora.schedule import JaggedCosine
+from lean_relora.sinks import check_sinks, open_sinks
 from lean_relora.state import Run, TrainState
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,10 @@ def train_step(run: Run) -> float:
     run.model.train()
     total = torch.zeros((), device=run.device)
     for _ in range(recipe.train.grad_accum_steps):
-        ids = run.data.train_batch(state.micro_batches, recipe.train.micro_batch_size).to(run.device)
+        ids, state.data = run.loader.get(state.micro_batches)
+        ids = ids.to(run.device, non_blocking=True)
         with autocast_context(recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids).loss
+            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
         # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
         (loss / recipe.train.grad_accum_steps).backward()
         total += loss.detach()
@@ -202,6 +204,11 @@ def train_step(run: Run) -> float:
     return loss
 
 
+def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
+    """Per-document positions where the recipe keeps attention within documents; None: the model's own 0..L-1."""
+    return document_positions(ids, run.data.eos_token_id) if run.recipe.data.document_mask else None
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean loss over the fixed eval blocks."""
@@ -210,7 +217,8 @@ def evaluate(run: Run) -> float:
     for ids in run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches):
         ids = ids.to(run.device)
         with autocast_context(run.recipe, run.device):
-            losses.append(run.model(input_ids=ids, labels=ids).loss.float().item())
+            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+            losses.append(loss.float().item())
     run.model.train()
     return sum(losses) / len(losses)
 
@@ -237,18 +245,22 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     started = time.perf_counter()
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
     found = _check_resume(recipe, run_dir, resume, force) if resume is not None else None
+    check_sinks(recipe.log)  # a missing optional library is bad input: refused before the costly setup
     # A resumed run's weights come from the checkpoint. A pretrained model still in its directory is streamed from
     # there (host RAM: one layer); one that moved, or a hub name, is built from the checkpoint's config instead.
     rebuild = found and recipe.model.pretrained and not streamable(recipe.model.pretrained)
     run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if rebuild else None)
-    reporter = reporter or Reporter(run_dir / "metrics.jsonl", end)
+    if found is not None:  # records of steps the resumed run redoes (it was killed past the checkpoint) go
+        drop_records_after(run_dir / "metrics.jsonl", checkpoint.read_state(found[0])["train_state"]["step"])
+    reporter = reporter or Reporter(run_dir / "metrics.jsonl", end,
+                                    sinks=open_sinks(recipe.log, run_dir, recipe.to_dict()))
     saved_step = _resume(run, *found, reporter) if found is not None else None
     state, schedule = run.state, run.schedule
     if state.step >= end and end < recipe.train.max_steps:
         raise RecipeError(f"--max-steps {end}: the run is already at step {state.step}; give a later step")
     if resume is None:
         _eval(run, reporter)
-    window_start, window_tokens = time.perf_counter(), state.tokens
+    window_start, window_tokens, window_wait = time.perf_counter(), state.tokens, run.loader.wait_seconds
     stop.arm()
     while state.step < end:
         if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
@@ -264,6 +276,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             reporter.line(f"step {state.step}: loss {loss} or its gradient is not finite; step skipped "
                           f"({state.bad_steps} in a row, checkpoint.max_bad_steps = {limit})")
             if state.bad_steps > limit:
+                run.loader.close()
                 path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
                 raise TrainingDiverged(
                     f"step {state.step}: {state.bad_steps} steps in a row had a NaN/inf loss or gradient "
@@ -272,9 +285,11 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
         if state.step % recipe.log.every == 0 or state.step == end:
             now = time.perf_counter()
             speed = (state.tokens - window_tokens) / max(now - window_start, 1e-9)
+            wait, window_wait = run.loader.wait_seconds - window_wait, run.loader.wait_seconds
             window_start, window_tokens = now, state.tokens
             reporter.step({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
-                           "tokens_per_s": speed, "restarts": state.restarts}, schedule.steps_to_restart(state.step))
+                           "tokens_per_s": speed, "restarts": state.restarts, "data_wait_s": wait},
+                          schedule.steps_to_restart(state.step))
         if stop.signal:
             break
         if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < end:
@@ -283,6 +298,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
         if every and state.step % every == 0 and state.step < end:
             checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
             saved_step = state.step
+    run.loader.close()
     if saved_step != state.step:
         path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
         reporter.line(f"step {state.step}: checkpoint {path}")
@@ -331,7 +347,9 @@ def _resume(run: Run, path: Path, lines: list[str], reporter: Reporter) -> int:
     state = run.state
     state.bad_steps = 0  # a resumed run gets the full allowance of skipped steps again
     reporter.line(f"resumed from {path} at step {state.step} ({state.restarts} restarts, {state.tokens:,} tokens)")
-    if run.data.num_train_blocks is None and state.micro_batches:  # a stream cannot seek: replay what was consumed
+    if state.data:
+        run.data.load_state_dict(state.data)  # a stream continues from its saved position
+    elif run.data.num_train_blocks is None and state.micro_batches:  # a checkpoint without one: replay the stream
         for index in reporter.track(range(state.micro_batches), "replaying the stream up to the checkpoint"):
             run.data.train_batch(index, run.recipe.train.micro_batch_size)
     return state.step

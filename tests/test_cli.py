@@ -63,7 +63,8 @@ def test_train_runs_a_tiny_recipe_and_writes_metrics(tiny, tmp_path):
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 8))
-    assert set(steps[0]) == {"step", "loss", "lr", "tokens", "tokens_per_s", "restarts"}
+    assert set(steps[0]) == {"step", "loss", "lr", "tokens", "tokens_per_s", "restarts", "data_wait_s"}
+    assert all(r["data_wait_s"] >= 0 for r in steps)
     assert steps[-1]["tokens"] == 7 * 4 * 32 and steps[-1]["restarts"] == 2
     assert [r["step"] for r in evals] == [0, 3, 6, 7]
     assert all(r["eval_ppl"] > 1 for r in evals)

@@ -74,6 +74,37 @@ def test_sigterm_stops_a_training_subprocess_that_resumes_to_the_same_losses(tin
     assert losses(stopped) == losses(whole) and [s for s, _ in losses(whole)] == list(range(1, 61))
 
 
+def test_metrics_of_a_run_resumed_after_kill_9_are_strict_json_with_one_record_per_step(tiny, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = ["train", tiny, "--set", "train.max_steps=40", "--set", "eval.every=4", "--run-dir", run_dir]
+    process = subprocess.Popen([str(Path(sys.executable).parent / "lean-relora"), *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 8:  # past the checkpoint of step 6
+            process.kill()
+            break
+        time.sleep(0.01)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr
+    killed_at = len(losses(run_dir))
+    checkpoint_step = int((run_dir / "checkpoints" / "latest").read_text().strip()[len("step-"):])
+    assert checkpoint_step < killed_at < 40  # steps past the checkpoint were logged and will be redone
+    code, output = invoke("train", "--run-dir", run_dir, "--resume", "auto")
+    assert code == 0, output
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    for kind in ("loss", "eval_loss", "restart"):
+        steps = [r["step"] for r in records if kind in r]
+        assert len(steps) == len(set(steps)), kind  # one record per step of each kind
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+    assert [r["step"] for r in records if "eval_loss" in r] == list(range(0, 41, 4))
+
+
 def test_resume_auto_continues_with_safe_changes_and_reports_them(run):
     code, output = invoke("train", "--run-dir", run, "--resume", "auto", "--set", "train.max_steps=9",
                           "--set", "log.every=2")

@@ -7,6 +7,7 @@ from collections import Counter
 
 import datasets
 import huggingface_hub.constants
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,9 @@ import torch
 from pydoc_data.topics import topics
 
 from lean_relora.corpus import DataError, load_documents
-from lean_relora.data import build_data
+from lean_relora import data as data_module
+from lean_relora.data import StreamingPackedData, build_data
+from lean_relora import tokenizer
 from lean_relora.tokenizer import EOS, load_tokenizer
 from lean_relora.recipe import DataConfig
 
@@ -306,3 +309,78 @@ def test_error_unreachable_hub_dataset_fails_fast(monkeypatch):
         "be loaded; check the name, data.hub_config, data.split and the network, or use a local file "
         "(data.source = corpus.jsonl)"
     )
+
+
+# ----------------------------------------------------------------------------------------------- stream position
+
+
+def local_stream(path):
+    """A local jsonl read in streaming mode: a hub dataset without the network."""
+    return datasets.load_dataset("json", data_files=str(path), split="train", streaming=True).select_columns(["text"])
+
+
+@pytest.mark.parametrize("stop", [40, 180])  # within the first pass, and within the second
+def test_stream_resumes_from_its_saved_position_without_replay(tmp_path, stop):
+    docs = [f"<d{i}> " + " ".join(f"w{(i * j) % 11}" for j in range(i % 5)) for i in range(1000)]
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    cfg = DataConfig(seq_len=16)
+    tok = load_tokenizer(DataConfig(source=str(path)), tmp_path)
+    eval_blocks = np.zeros((1, 16), np.int64)
+    whole = StreamingPackedData(local_stream(path), tok, eval_blocks, cfg)
+    want = [whole.train_batch(i, 4) for i in range(250)]
+    per_pass = len(expected_stream(tok, docs)) // 16
+    assert torch.cat(want).flatten().tolist()[: per_pass * 16] == expected_stream(tok, docs)[: per_pass * 16]
+    assert 40 * 4 < per_pass < 180 * 4 < 2 * per_pass  # the stops fall in the first and the second pass
+
+    first = StreamingPackedData(local_stream(path), tok, eval_blocks, cfg)
+    for i in range(stop):
+        first.train_batch(i, 4)
+    saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint keeps it
+    resumed = StreamingPackedData(local_stream(path), tok, eval_blocks, cfg)
+    resumed.load_state_dict(saved)
+    got = [resumed.train_batch(i, 4) for i in range(stop, 250)]
+    assert all(a.equal(b) for a, b in zip(got, want[stop:], strict=True))
+    # No replay: only what the remaining batches need is read, plus at most the one tokenizer batch of documents
+    # the position falls in; replaying what was consumed would read far more.
+    slack = data_module.STREAM_DOCUMENTS
+    assert first.documents_read % 1000 > 2 * slack
+    assert resumed.documents_read <= whole.documents_read - first.documents_read + slack
+
+
+def test_documents_start_with_bos_where_the_tokenizer_defines_one(tmp_path):
+    docs = marker_docs(12)
+    with_bos = tokenizer._train_bpe(docs, 300)
+    with_bos.add_special_tokens({"bos_token": "<s>"})
+    with_bos.save_pretrained(tmp_path / "bos")
+    cfg = DataConfig(source=str(write_jsonl(tmp_path / "m.jsonl", docs)), tokenizer=str(tmp_path / "bos"),
+                     seq_len=8, eval_fraction=0.25)
+    data, tok = build_data(cfg, tmp_path / "run")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert bos is not None and bos != eos
+    eval_stream = torch.cat(data.eval_batches(1, 10**6)).flatten().tolist()
+    _, test = load_documents(cfg)
+    want = [t for doc in texts(test) for t in [bos, *tok(doc, add_special_tokens=False)["input_ids"], eos]]
+    assert eval_stream == want[: len(eval_stream)] and eval_stream[0] == bos
+    # Without BOS (the trained BPE), EOS alone separates documents: expected_stream has no BOS.
+    plain, plain_tok = build_data(DataConfig(source=cfg.source, seq_len=8, eval_fraction=0.25), tmp_path / "plain")
+    assert plain_tok.bos_token_id is None
+    plain_stream = torch.cat(plain.eval_batches(1, 10**6)).flatten().tolist()
+    assert plain_stream == expected_stream(plain_tok, texts(test))[: len(plain_stream)]
+
+
+def test_document_mask_keeps_attention_within_each_document(tiny_llama):
+    """With per-document positions a document's logits are those it gets alone; without them, earlier documents of
+    the block change them (attention crosses)."""
+    model = tiny_llama(vocab_size=50).eval()
+    eos, first, second = 0, [5, 6, 7, 8, 9], [11, 12, 13, 14]
+    block = torch.tensor([first + [eos] + second])
+    positions = data_module.document_positions(block, eos)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
+    alone = model(input_ids=torch.tensor([second])).logits[0]
+    with torch.no_grad():
+        masked = model(input_ids=block, position_ids=positions).logits[0, 6:]
+        crossing = model(input_ids=block).logits[0, 6:]
+    torch.testing.assert_close(masked, alone.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(crossing, alone.detach(), atol=1e-3)
+    two = data_module.document_positions(torch.tensor([[1, eos, eos, 2], [eos, 3, 4, eos]]), eos)
+    assert two.tolist() == [[0, 1, 0, 0], [0, 0, 1, 2]]

@@ -1,12 +1,16 @@
 """The loop: 20-step ReLoRA runs of a tiny LLaMA learn, across restarts, for each base format."""
 
+import io
 import json
 import shutil
 
+import datasets
 import pytest
 import torch
+from rich.console import Console
 
-from lean_relora.recipe import (DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
+from lean_relora.progress import Reporter
+from lean_relora.recipe import (CheckpointConfig, DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
                                 ReloraConfig, TrainConfig)
 from lean_relora import checkpoint
 from lean_relora.relora import relora_layers
@@ -37,6 +41,7 @@ def tokenizer_cache(tmp_path_factory):
 
 
 def run_dir(tmp_path, tokenizer_cache):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for item in tokenizer_cache.iterdir():
         if item.name.startswith("tokenizer"):
             (shutil.copytree if item.is_dir() else shutil.copy)(item, tmp_path / item.name)
@@ -124,3 +129,37 @@ def test_max_steps_stops_without_changing_the_schedule_and_resume_equals_the_uni
     train(recipe, pieces, resume="auto")
     steps = lambda d: [(r["step"], r["loss"], r["lr"]) for r in records(d / "metrics.jsonl") if "loss" in r]
     assert steps(pieces) == steps(whole)
+
+
+def test_a_streamed_run_resumes_from_the_streams_saved_position_to_the_same_losses(tmp_path, monkeypatch):
+    """A local jsonl read in streaming mode stands in for the hub; the resumed run continues from the stream state in
+    the checkpoint (no replay) and computes the uninterrupted run's losses."""
+    docs = [f"document {i}: " + " ".join(f"w{(i * j) % 17}" for j in range(i % 23 + 3)) for i in range(400)]
+    path = tmp_path / "stream.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *a, **k: real("json", data_files=str(path), split="train", streaming=True))
+    recipe = tiny_recipe(steps=6, restart_every=4, grad_accum_steps=4)
+    recipe.data = DataConfig(source="hub:someone/stub", bpe_vocab_size=300, seq_len=32, eval_documents=20)
+    recipe.checkpoint = CheckpointConfig(every=3, keep_last=3)
+    train(recipe, tmp_path / "whole")
+    saved = checkpoint.read_state(tmp_path / "whole" / "checkpoints" / "step-00000003")["train_state"]["data"]
+    assert saved["index"] == 12 and saved["stream"] is not None  # the stream's own state_dict, past its start
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed", ignore=shutil.ignore_patterns("step-00000006"))
+    console = Console(file=io.StringIO(), width=200)
+    reporter = Reporter(tmp_path / "resumed" / "metrics.jsonl", 6, console=console, live=False)
+    train(recipe, tmp_path / "resumed", reporter=reporter, resume="auto")
+    output = console.file.getvalue()
+    assert "resumed from" in output and "replaying" not in output
+    steps = [(r["step"], r["loss"]) for r in records(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
+    assert steps == [(r["step"], r["loss"]) for r in records(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
+
+
+def test_a_run_with_document_mask_trains_and_differs_from_the_crossing_run(tmp_path, tokenizer_cache):
+    crossing = train(tiny_recipe(steps=6), run_dir(tmp_path / "crossing", tokenizer_cache))
+    recipe = tiny_recipe(steps=6)
+    recipe.data.document_mask = True
+    masked = train(recipe, run_dir(tmp_path / "masked", tokenizer_cache))
+    assert masked["last eval loss"] < masked["first eval loss"]
+    assert masked["first eval loss"] != crossing["first eval loss"]  # the positions reached the model
