@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
+from lean_relora.durable import sync_dir, write_text
 from lean_relora.master import DiskMaster, link_or_copy
 from lean_relora.optim import load_optimizer_state, optimizer_state
 from lean_relora.quant import FrozenBase
@@ -85,15 +86,15 @@ def save(run: Run, run_dir: Path, keep_last: int) -> Path:
             files[file] = write(tmp / file) or _sync(tmp / file)  # a linked master brings its own size and digest
         meta = {"format": FORMAT, "step": run.state.step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "recipe_digest": run.recipe.digest(), "versions": _versions(), "files": files}
-        _write_text(tmp / META, json.dumps(meta, indent=1))
-        _sync_dir(tmp)
+        write_text(tmp / META, json.dumps(meta, indent=1))
+        sync_dir(tmp)
         if final.exists():  # a checkpoint of an abandoned continuation: set aside, never overwritten
             final.rename(root / f"{name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(tmp, final)
-        _sync_dir(root)
-        _write_text(root / f"{LATEST}.tmp", name + "\n")
+        sync_dir(root)
+        write_text(root / f"{LATEST}.tmp", name + "\n")
         os.replace(root / f"{LATEST}.tmp", root / LATEST)
-        _sync_dir(root)
+        sync_dir(root)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = _pointer(root)
@@ -116,9 +117,9 @@ def _writers(run: Run):
     yield BASE, lambda path: save_file(_plain(bases), path)
     yield TENSORS, lambda path: save_file(_plain({**{OPTIMIZER_KEY + k: v for k, v in opt_tensors.items()},
                                                   **rng_tensors}), path)
-    yield STATE, lambda path: _write_text(path, json.dumps(state))
-    yield CONFIG, lambda path: _write_text(path, run.model.config.to_json_string())
-    yield RECIPE, lambda path: _write_text(path, run.recipe.to_toml())
+    yield STATE, lambda path: write_text(path, json.dumps(state))
+    yield CONFIG, lambda path: write_text(path, run.model.config.to_json_string())
+    yield RECIPE, lambda path: write_text(path, run.recipe.to_toml())
     for name, module in modules:
         if module.master is not None and not module.master.in_memory:
             yield f"{MASTERS}/{name}.f32", lambda path, master=module.master: _link_master(master, path)
@@ -129,7 +130,7 @@ def _link_master(master: DiskMaster, path: Path) -> dict:
     was taken when the file was written)."""
     path.parent.mkdir(exist_ok=True)
     link_or_copy(master.path, path)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
     return {"bytes": master.nbytes, "sha256": master.sha256}
 
 
@@ -154,13 +155,6 @@ def _rng_state(run: Run) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"python": random.getstate(), "numpy": [np_state[0], *np_state[2:]]}
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _sync(path: Path) -> dict:
     """fsync a written file and describe it for meta.json."""
     digest = hashlib.sha256()
@@ -169,14 +163,6 @@ def _sync(path: Path) -> dict:
             digest.update(chunk)
         os.fsync(f.fileno())
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune(root: Path, keep_last: int, step: int) -> None:

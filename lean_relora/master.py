@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lean_relora.durable import write_synced
+
 MASTER_DIR = "master"  # RUN_DIR/master: the disk masters of a run
 GENERATION = re.compile(r"gen-(\d{6,})")
 
@@ -78,10 +80,7 @@ class DiskMaster:
         data = dense.detach().to("cpu", torch.float32).contiguous()
         view = memoryview(data.numpy()).cast("B")
         tmp = path.with_name(f".tmp-{path.name}")
-        with open(tmp, "wb") as f:
-            f.write(view)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, view)
         os.replace(tmp, path)
         self.generation, self.sha256 = generation, hashlib.sha256(view).hexdigest()
 

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lean_relora.corpus import DataError, load_documents
+from lean_relora.durable import sync_dir, write_synced
 from lean_relora.recipe import DataConfig
 from lean_relora.tokenizer import load_tokenizer, tokenizer_name
 from lean_relora.tokens import (DATA_KEYS, FORMAT, MANIFEST, SPLITS, document_ids, is_prepared, read_manifest,
@@ -75,7 +76,7 @@ def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Conso
 
     def save(split: str, position: dict) -> None:
         state[split] = position
-        _write_synced(partial / f"{PROGRESS}.tmp", json.dumps(state).encode())
+        write_synced(partial / f"{PROGRESS}.tmp", json.dumps(state).encode())
         os.replace(partial / f"{PROGRESS}.tmp", partial / PROGRESS)
 
     with _progress(console) as progress:
@@ -91,12 +92,12 @@ def prepare_data(cfg: DataConfig, out: Path, max_tokens: int = 0, console: Conso
                 "seconds": round(time.perf_counter() - started, 3),
                 "versions": {"datasets": datasets.__version__}}
     (partial / PROGRESS).unlink()
-    _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _sync_dir(partial)
+    write_synced(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+    sync_dir(partial)
     if out.exists():
         out.rmdir()  # empty, checked above
     os.rename(partial, out)
-    _sync_dir(out.parent)
+    sync_dir(out.parent)
     return manifest
 
 
@@ -173,18 +174,3 @@ def _progress(console: Console | None) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                     TextColumn("{task.fields[tokens]} tokens, {task.fields[speed]} tokens/s"), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

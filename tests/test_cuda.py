@@ -48,12 +48,7 @@ def test_paged_state_is_really_paged_and_resets_like_ordinary_state():
     torch.cuda.synchronize()
     for got, want in zip(moments(opt_paged, paged), moments(opt_plain, plain)):
         assert torch.equal(got, want)
-    grad = torch.randn(PAGED_SHAPE, device="cuda")
-    paged.grad, plain.grad = grad.clone(), grad.clone()
-    opt_paged.step()
-    opt_plain.step()
-    torch.cuda.synchronize()
-    assert torch.equal(paged, plain)
+    assert_same_next_step((paged, opt_paged), (plain, opt_plain))
 
 
 def test_paged_state_checkpoint_round_trip_stays_paged_and_steps_identically():
@@ -63,12 +58,17 @@ def test_paged_state_checkpoint_round_trip_stays_paged_and_steps_identically():
     restored = bnb.optim.PagedAdamW8bit([twin], lr=1e-3)
     load_optimizer_state(restored, tensors, params)
     assert getattr(restored.state[twin]["state1"], "is_paged", False)
+    assert_same_next_step((paged, opt_paged), (twin, restored))
+
+
+def assert_same_next_step(*pairs):
+    """One more step of each (parameter, optimizer) on the same gradient leaves the parameters equal."""
     grad = torch.randn(PAGED_SHAPE, device="cuda")
-    paged.grad, twin.grad = grad.clone(), grad.clone()
-    opt_paged.step()
-    restored.step()
+    for p, optimizer in pairs:
+        p.grad = grad.clone()
+        optimizer.step()
     torch.cuda.synchronize()
-    assert torch.equal(paged, twin)
+    assert all(torch.equal(p, pairs[0][0]) for p, _ in pairs)
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])

@@ -1,0 +1,27 @@
+"""Files that survive a crash: written, fsynced, and their directory entry fsynced. Checkpoints, prepared token
+files and disk masters write through these, then rename into place, so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_synced(path: Path, data: bytes | memoryview) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text(path: Path, text: str) -> None:
+    write_synced(path, text.encode("utf-8"))
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory, so the names created or renamed in it are on disk too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
