@@ -233,7 +233,7 @@ def report_(
         "--out", help="Directory for the PNG files \\[default: the first RUN_DIR/report].", show_default=False)] = None,
     spectrum: Annotated[bool, typer.Option(
         "--spectrum", help="Also plot the singular values of the update each run accumulated in one weight matrix "
-        "(newest checkpoint minus the oldest dense one, or the initial weights); print its effective rank.")] = False,
+        "over the ReLoRA phase; print its effective rank.")] = False,
     layer: Annotated[Optional[str], typer.Option(
         "--layer", help="The weight matrix for --spectrum, e.g. model.layers.1.mlp.down_proj \\[default: the first "
         "ReLoRA down_proj].", show_default=False)] = None,
@@ -243,6 +243,7 @@ def report_(
     from rich.table import Table
 
     from lean_relora import report
+    from lean_relora import spectrum as spectral
 
     out = out or run_dirs[0] / report.REPORT
     with Outcome(console):
@@ -253,18 +254,18 @@ def report_(
         report.out_directory(out, create=False)
         spectra = []
         if spectrum:  # the slow part, and it may still find bad input (no checkpoint, unknown layer)
-            spectra = [report.spectrum(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
+            spectra = [spectral.measure(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
         paths = report.plot_runs(runs, out, report.schedules(run_dirs))
         if spectra:
-            paths.append(report.plot_spectrum(spectra, out))
+            paths.append(spectral.plot_spectrum(spectra, out))
     if spectra:
         table = Table(title=f"accumulated update of {', '.join(sorted({s.layer for s in spectra}))}")
         for heading in ("run", "from", "to", "LoRA rank", "effective rank"):
-            table.add_column(heading, justify="right" if "rank" in heading else "left")
+            table.add_column(heading, justify="right" if "rank" in heading else "left", no_wrap=True)
         for s in spectra:
             table.add_row(s.label, s.start, s.end, str(s.rank or "-"), str(s.effective_rank))
         Console().print(table)
-        console.print(f"effective rank: singular values above {report.EFFECTIVE:.0%} of the largest",
+        console.print(f"effective rank: singular values above {spectral.EFFECTIVE:.0%} of the largest",
                       highlight=False)
     for path in paths:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
