@@ -55,6 +55,7 @@ class Reporter:
         self.metrics = open(metrics_path, "a", encoding="utf-8")
         self.total = total_steps
         self.step_now, self.restarts, self.schedule, self.restarts_total = 0, 0, None, 0
+        self.restarted_at = None  # the step after which the latest restart happened
         self.loss = self.lr = self.speed = None
         self.started: tuple[float, int] | None = None  # (time, step) when the loop began: the ETA's baseline
         self.display = Live(get_renderable=self.status, console=self.console, auto_refresh=True,
@@ -71,6 +72,7 @@ class Reporter:
     def tick(self, step: int, restarts: int) -> None:
         """Called after every step: the status counts steps and restarts exactly, not only at logged steps."""
         self.step_now, self.restarts = step, restarts
+        self._refresh()
 
     def step(self, record: dict, steps_to_restart: int | None = None) -> None:
         self._write(record)
@@ -89,7 +91,8 @@ class Reporter:
 
     def restart(self, record: dict) -> None:
         self._write(record)
-        self.restarts = record["restart"]
+        self.restarts, self.restarted_at = record["restart"], record["step"]
+        self._refresh()
         self.line(f"step {record['step']}: restart {record['restart']} (merged in {record['merge_seconds']:.2f} s, "
                   f"cumulative retention {record['retention']:.3f})")
 
@@ -123,7 +126,7 @@ class Reporter:
         if total == 0:
             return ""
         # The restart due at a step happens before the next one runs: at that step it is 0 steps away.
-        pending = self.schedule.is_restart(self.step_now)
+        pending = self.schedule.is_restart(self.step_now) and self.restarted_at != self.step_now
         left = 0 if pending else self.schedule.steps_to_restart(self.step_now)
         if self.step_now + left >= self.total:
             return f"restarts {self.restarts}/{total}"
@@ -191,6 +194,10 @@ class Reporter:
         self.line("run summary")
         for key, value in rows:
             self.line(f"  {key:<11} {value}")
+
+    def _refresh(self) -> None:
+        if self.display is not None:
+            self.display.refresh()  # now, not at the next tick of the display's clock: the counts stay exact
 
     def _write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")

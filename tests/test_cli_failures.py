@@ -1,21 +1,13 @@
 """End to end: every failure a user can cause ends in one line and exit code 2, leaves nothing behind in runs/;
-a run without a terminal logs a plain line every log.every steps; SIGTERM saves and exits with code 75."""
+`-h` and `--version`. (A piped run's plain lines: test_cli.py; SIGTERM's exit code 75 and the resumable checkpoint
+it leaves: test_cli_checkpoint.py.)"""
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from lean_relora.outcome import BAD_INPUT, STOPPED
+from lean_relora.outcome import BAD_INPUT
 from test_cli import TINY, invoke
-
-SCRIPT = Path(sys.executable).parent / "lean-relora"
-
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
@@ -125,40 +117,3 @@ def test_help_and_version():
     from importlib.metadata import version
 
     assert code == 0 and output == f"lean-relora {version('lean-relora')}\n"
-
-
-def run_script(*args, **kw):
-    return subprocess.Popen([str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}, **kw)
-
-
-def test_piped_run_prints_a_plain_line_every_log_every_steps(workdir):
-    process = run_script("train", "tiny.toml", "--run-dir", "run", "--set", "log.every=2")
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-    lines = [line for line in err.splitlines() if line.startswith("step ") and "/7: " in line]
-    assert [line.split("/")[0] for line in lines] == ["step 2", "step 4", "step 6", "step 7"]
-    for line in lines:
-        for field in ("loss ", "lr ", " tok/s", "ETA ", "restart"):
-            assert field in line, line
-    assert "restart 1/2 in 1 steps" in lines[0] and lines[-1].endswith("restarts 2/2")
-    assert "━" not in err and "Traceback" not in err
-
-
-def test_sigterm_saves_and_exits_75_and_the_run_resumes(workdir):
-    process = run_script("train", "tiny.toml", "--run-dir", "run", "--set", "train.max_steps=400")
-    metrics = workdir / "run" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and '"loss"' in metrics.read_text()):
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=240)
-    assert process.returncode == STOPPED, err
-    assert "SIGTERM: stopped after step" in err and "--resume auto" in err
-    state = json.loads(next((workdir / "run" / "checkpoints").glob("step-*/state.json")).read_text())
-    assert 0 < state["train_state"]["step"] < 400
-    resumed = run_script("train", "--run-dir", "run", "--resume", "auto", "--max-steps", state["train_state"]["step"] + 2)
-    _, err = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, err
-    assert f"at step {state['train_state']['step']}" in err

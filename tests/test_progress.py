@@ -44,6 +44,8 @@ def test_restart_count_and_countdown_are_exact_at_every_step(tmp_path):
         if step > 1 and schedule.is_restart(step - 1):
             restarts += 1
             r.restart({"step": step - 1, "restart": restarts, "merge_seconds": 0.0, "retention": 1.0})
+            after = r.restart_text()  # shown right after the restart, before the next step
+            assert after == "restarts 4/4" if restarts == 4 else after == f"restart {restarts + 1}/4 in 60", after
         r.tick(step, restarts)
         text = r.restart_text()
         upcoming = [s for s in range(step, 360) if schedule.is_restart(s)]
