@@ -1,6 +1,7 @@
 """The loop: 20-step ReLoRA runs of a tiny LLaMA learn, across restarts, for each base format."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -124,3 +125,14 @@ def test_max_steps_stops_without_changing_the_schedule_and_resume_equals_the_uni
     train(recipe, pieces, resume="auto")
     steps = lambda d: [(r["step"], r["loss"], r["lr"]) for r in records(d / "metrics.jsonl") if "loss" in r]
     assert steps(pieces) == steps(whole)
+
+
+def test_a_cpu_run_of_paged_adamw8bit_logs_nothing_and_warns_nothing(tmp_path, tokenizer_cache, caplog, recwarn):
+    """The default recipe names paged_adamw8bit and runs on CPUs too: ordinary 8-bit state there is not news."""
+    recipe = tiny_recipe(steps=2)
+    recipe.optim.name, recipe.model.gradient_checkpointing = "paged_adamw8bit", True
+    with caplog.at_level(logging.INFO):
+        run = setup(recipe, run_dir(tmp_path, tokenizer_cache))
+        train_step(run)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lean_relora")] == []
+    assert [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, UserWarning))] == []
