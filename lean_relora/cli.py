@@ -1,26 +1,29 @@
 """`lean-relora`: the command line, a thin layer over functions the tests call directly.
 
-Bad input (recipe, data, arguments) ends with one line on stderr saying what is wrong and how to fix it, and exit
-code 2; nothing that already exists is overwritten.
+Every command ends as outcome.py says: bad input (recipe, data, arguments) with one line on stderr saying what is
+wrong and how to fix it, and exit code 2, nothing that already exists overwritten; a bug with exit code 1 and the path
+of a log holding its traceback; a run stopped by a signal with exit code 75 after saving a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
+
+from lean_relora.outcome import STOPPED, Outcome, UserError
+from lean_relora.rundir import RunDir, new_run_dir
 
 app = typer.Typer(
     help="Memory-lean ReLoRA pretraining on one GPU: a 4-bit/8-bit frozen base, low-rank cycles merged at restarts.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 RecipeArg = Annotated[Optional[Path], typer.Argument(
@@ -31,13 +34,20 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     show_default=False)]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"lean-relora {version('lean-relora')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _commands() -> None:
+def _commands(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
     """Memory-lean ReLoRA pretraining on one GPU."""
-
-
-class UserError(Exception):
-    """Bad input of any kind; the message is the one line the user sees."""
 
 
 def _setup_logging() -> Console:
@@ -52,17 +62,6 @@ def _setup_logging() -> Console:
 
     datasets.disable_progress_bars()  # our own progress is the one to watch; theirs flashes by in a second
     return console
-
-
-def _fail(console: Console, message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def new_run_dir(recipe_path: Optional[Path], root: Path = Path("runs")) -> Path:
-    """runs/<recipe name>-<UTC time>: a fresh directory per run, so no run overwrites another."""
-    stem = recipe_path.stem if recipe_path else "tiny_cpu"
-    return root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 @app.command()
@@ -83,16 +82,17 @@ def train(
         "--force", help="Start even if the memory estimate exceeds the free GPU memory; with --resume, accept recipe "
         "changes that alter the run (model, data, LoRA, optimizer...).")] = False,
 ):
-    """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl."""
-    console = _setup_logging()
-    from lean_relora.checkpoint import RECIPE, CheckpointError, CheckpointSaveError, resolve
-    from lean_relora.corpus import DataError
-    from lean_relora.recipe import RecipeError, load_recipe
-    from lean_relora.train import TrainingDiverged
-    from lean_relora.train import train as run_training
+    """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl.
 
-    overrides = list(set_ or [])
-    try:
+    Exit codes: 0 done, 2 bad input, 1 failed (see the message), 75 stopped by SIGINT/SIGTERM after saving a
+    checkpoint (continue with --resume auto), 130 aborted by a second signal."""
+    console = _setup_logging()
+    with Outcome(console) as outcome:
+        from lean_relora.checkpoint import RECIPE, resolve
+        from lean_relora.recipe import load_recipe
+        from lean_relora.train import train as run_training
+
+        overrides = list(set_ or [])
         if max_steps is not None and max_steps < 1:
             raise UserError(f"--max-steps {max_steps}: must be >= 1")
         if resume is not None:
@@ -108,12 +108,12 @@ def train(
                                 "or continue it with --resume auto")
         if not force:
             _refuse_if_it_does_not_fit(loaded, found if resume is not None else None)
-        console.print(f"run dir: {run_dir}", highlight=False)
-        run_training(loaded, run_dir, resume=resume, force=force, stop_at=max_steps)
-    except (RecipeError, DataError, UserError, CheckpointError) as e:
-        _fail(console, str(e))
-    except (CheckpointSaveError, TrainingDiverged) as e:  # not bad input: the run itself failed
-        _fail(console, str(e), code=1)
+        directory = RunDir(run_dir)
+        directory.create()
+        outcome.log_dir, outcome.on_bad_input = run_dir, directory.discard
+        summary = run_training(loaded, run_dir, resume=resume, force=force, stop_at=max_steps)
+    if "stopped by" in summary:
+        raise typer.Exit(STOPPED)
 
 
 def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None) -> None:
@@ -154,16 +154,14 @@ def memory_estimate(
 ):
     """Predict the peak GPU memory of a recipe (analytic and traced on fake tensors) and whether it fits."""
     console = _setup_logging()
-    from lean_relora.memory import estimate, render
-    from lean_relora.recipe import RecipeError, load_recipe
+    with Outcome(console):
+        from lean_relora.memory import estimate, render
+        from lean_relora.recipe import load_recipe
 
-    try:
         if gpu_gb <= 0:
             raise UserError(f"--gpu-gb {gpu_gb:g}: must be > 0")
         loaded = load_recipe(recipe, list(set_ or []))
         result = estimate(loaded, gpu_gb)
-    except (RecipeError, UserError) as e:
-        _fail(console, str(e))
     if as_json:
         import dataclasses
         import json
@@ -189,16 +187,13 @@ def prepare(
     """Tokenize the recipe's data once into memory-mapped token files; train on them with
     --set data.source=prepared:OUT."""
     console = _setup_logging()
-    from lean_relora.corpus import DataError
-    from lean_relora.prepare import prepare_data
-    from lean_relora.recipe import RecipeError, load_recipe
+    with Outcome(console):
+        from lean_relora.prepare import prepare_data
+        from lean_relora.recipe import load_recipe
 
-    try:
         loaded = load_recipe(recipe, list(set_ or []))
         out = out or Path("prepared") / (recipe.stem if recipe else "tiny_cpu")
         manifest = prepare_data(loaded.data, out, max_tokens, console, loaded.model.pretrained)
-    except (RecipeError, DataError) as e:
-        _fail(console, str(e))
     train, held = manifest["splits"]["train"], manifest["splits"]["eval"]
     if manifest.get("continued_from_documents", {}).get("train"):
         console.print(f"continued an interrupted preparation from train document "
@@ -227,17 +222,16 @@ def export_(
 ):
     """Merge the LoRA factors into the full-precision weights and write a standard Hugging Face model directory."""
     console = _setup_logging()
-    from transformers.utils import logging as hf_logging
+    with Outcome(console):
+        from transformers.utils import logging as hf_logging
 
-    from lean_relora.checkpoint import CheckpointError
-    from lean_relora.export import ExportError, export_model
-    from lean_relora.recipe import RecipeError
+        from lean_relora.export import export_model
 
-    hf_logging.disable_progress_bar()  # a tiny model's "Writing model shards" bar flashes by
-    try:
-        trained = export_model(source, out_dir, dtype)
-    except (CheckpointError, ExportError, RecipeError, OSError) as e:
-        _fail(console, str(e))
+        hf_logging.disable_progress_bar()  # a tiny model's "Writing model shards" bar flashes by
+        try:
+            trained = export_model(source, out_dir, dtype)
+        except OSError as e:  # OUT_DIR where nothing can be written
+            raise UserError(f"{out_dir}: cannot be written ({e.strerror or e}); choose a writable directory") from None
     _warn_skipped(console, trained.problems)
     console.print(f"exported {trained.path} to {out_dir} ({dtype}); load it with "
                   "transformers.AutoModelForCausalLM.from_pretrained", highlight=False, soft_wrap=True)
@@ -252,15 +246,10 @@ def eval_(
 ):
     """Print the loss and perplexity of a checkpoint on the eval split."""
     console = _setup_logging()
-    from lean_relora.checkpoint import CheckpointError
-    from lean_relora.corpus import DataError
-    from lean_relora.export import ExportError, evaluate_checkpoint
-    from lean_relora.recipe import RecipeError
+    with Outcome(console):
+        from lean_relora.export import evaluate_checkpoint
 
-    try:
         result = evaluate_checkpoint(source, data)
-    except (CheckpointError, ExportError, RecipeError, DataError) as e:
-        _fail(console, str(e))
     _warn_skipped(console, result["problems"])
     typer.echo(f"{result['checkpoint']} (step {result['step']}): eval loss {result['eval_loss']:.4f}, "
                f"perplexity {result['eval_ppl']:.2f} on {result['tokens']:,} tokens")
@@ -275,7 +264,7 @@ def report_(
         "--out", help="Directory for the PNG files \\[default: the first RUN_DIR/report].", show_default=False)] = None,
     spectrum: Annotated[bool, typer.Option(
         "--spectrum", help="Also plot the singular values of the update each run accumulated in one weight matrix "
-        "(newest checkpoint minus the oldest dense one, or the initial weights); print its effective rank.")] = False,
+        "over the ReLoRA phase; print its effective rank.")] = False,
     layer: Annotated[Optional[str], typer.Option(
         "--layer", help="The weight matrix for --spectrum, e.g. model.layers.1.mlp.down_proj \\[default: the first "
         "ReLoRA down_proj].", show_default=False)] = None,
@@ -285,11 +274,10 @@ def report_(
     from rich.table import Table
 
     from lean_relora import report
-    from lean_relora.checkpoint import CheckpointError
-    from lean_relora.recipe import RecipeError
+    from lean_relora import spectrum as spectral
 
     out = out or run_dirs[0] / report.REPORT
-    try:
+    with Outcome(console):
         report.pyplot()
         if layer is not None and not spectrum:
             raise UserError(f"--layer {layer}: only used with --spectrum; add --spectrum")
@@ -297,20 +285,18 @@ def report_(
         report.out_directory(out, create=False)
         spectra = []
         if spectrum:  # the slow part, and it may still find bad input (no checkpoint, unknown layer)
-            spectra = [report.spectrum(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
-        paths = report.plot_runs(runs, out)
+            spectra = [spectral.measure(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
+        paths = report.plot_runs(runs, out, report.schedules(run_dirs))
         if spectra:
-            paths.append(report.plot_spectrum(spectra, out))
-    except (report.ReportError, CheckpointError, RecipeError, UserError) as e:
-        _fail(console, str(e))
+            paths.append(spectral.plot_spectrum(spectra, out))
     if spectra:
         table = Table(title=f"accumulated update of {', '.join(sorted({s.layer for s in spectra}))}")
         for heading in ("run", "from", "to", "LoRA rank", "effective rank"):
-            table.add_column(heading, justify="right" if "rank" in heading else "left")
+            table.add_column(heading, justify="right" if "rank" in heading else "left", no_wrap=True)
         for s in spectra:
             table.add_row(s.label, s.start, s.end, str(s.rank or "-"), str(s.effective_rank))
         Console().print(table)
-        console.print(f"effective rank: singular values above {report.EFFECTIVE:.0%} of the largest",
+        console.print(f"effective rank: singular values above {spectral.EFFECTIVE:.0%} of the largest",
                       highlight=False)
     for path in paths:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)

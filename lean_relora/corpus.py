@@ -6,7 +6,11 @@ the source into files, keeps the text column and decides which documents are hel
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
+import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -14,6 +18,7 @@ import datasets
 from lean_relora.recipe import DataConfig
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SNIFF = 64 * 1024  # bytes of each .txt file read to tell text from binary
 
 
 class DataError(ValueError):
@@ -37,16 +42,53 @@ def load_documents(cfg: DataConfig):
     files, builder = _resolve_files(cfg.source)
     # One .txt file would be one document and could not be split for evaluation, so it is cut at blank lines.
     kwargs = {"sample_by": "paragraph" if len(files) == 1 else "document"} if builder == "text" else {}
+    _check_files(files, builder, cfg.source)
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        with _quiet_datasets():
+            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as e:
-        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        cause = e.__cause__ or e.__context__ or e  # datasets wraps the parser's error in a generic one
+        why = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
         raise DataError(f"data.source = '{cfg.source}': could not be read as {builder} ({why}); fix the file") from e
     column = None if builder == "text" else cfg.text_column
     ds = _text_only(ds, column or "text", cfg)
     if cfg.max_documents:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
     return _split_local(_drop_empty(ds, cfg, column), cfg)
+
+
+def _check_files(files: list[str], builder: str, source: str) -> None:
+    """Say plainly what datasets reports only as a generic generation error: every file empty, or a .txt file that
+    is binary (a NUL byte or invalid UTF-8 in its first 64 KiB)."""
+    if all(os.path.getsize(f) == 0 for f in files):
+        which = files[0] if len(files) == 1 else f"all {len(files)} files"
+        raise DataError(f"data.source = '{source}': {which} is empty; give a corpus that contains text")
+    if builder != "text":
+        return
+    for f in files:
+        with open(f, "rb") as handle:
+            head = handle.read(SNIFF)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+            binary = b"\0" in head
+        except UnicodeDecodeError:
+            binary = True
+        if binary:
+            raise DataError(f"data.source = '{source}': {f} is binary, not UTF-8 text; give text files (.txt) or "
+                            "convert it to UTF-8")
+
+
+@contextmanager
+def _quiet_datasets():
+    """datasets logs a parse error at ERROR level before raising it; the DataError we raise says the same in one
+    line, so its log is held back while it reads."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _resolve_files(source: str) -> tuple[list[str], str]:

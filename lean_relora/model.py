@@ -93,7 +93,12 @@ def prepare_model(model: PreTrainedModel, cfg: ModelConfig, vocab_size: int, seq
                               f"({model.get_input_embeddings().num_embeddings}); use the model's own tokenizer")
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it (the old name warns); older releases, which pyproject allows, have only the old one
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -287,32 +287,43 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Recipe)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a TOML recipe (None = the embedded default) and apply `section.key=value` overrides."""
+    """Read a TOML recipe (None = the embedded default) and apply `section.key=value` overrides. An error about an
+    overridden key names its --set rather than the file."""
     path = Path(path) if path else default_recipe_path()
     where = str(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"{where}: no such recipe file; pass an existing .toml path or omit it for the default")
+    except IsADirectoryError:
+        raise RecipeError(f"{where}: is a directory; pass a recipe .toml file or omit it for the default") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{where}: is not UTF-8 text; pass a recipe .toml file") from None
+    except OSError as e:
+        raise RecipeError(f"{where}: cannot be read ({e.strerror}); pass a readable recipe .toml file") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{where}: not valid TOML ({e}); fix the syntax at that line")
+    origins = {}
     for item in overrides:
-        _apply_override(raw, item)
-    return recipe_from_dict(raw, where)
+        origins[_apply_override(raw, item)] = f"--set {item}"
+    return recipe_from_dict(raw, where, origins)
 
 
-def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+def recipe_from_dict(raw: dict, where: str = "recipe", origins: dict[str, str] | None = None) -> Recipe:
+    """`origins` maps "section.key" to where its value came from when not from `where` (a --set)."""
+    origins = origins or {}
     sections = {}
     for name, table in raw.items():
         if name not in SECTIONS:
-            raise RecipeError(f"{where}: unknown section [{name}]{_did_you_mean(name, SECTIONS)}")
+            source = next((o for k, o in origins.items() if k.startswith(f"{name}.")), where)
+            raise RecipeError(f"{source}: unknown section [{name}]{_did_you_mean(name, SECTIONS)}")
         if not isinstance(table, dict):
             raise RecipeError(f"{where}: {name} must be a [{name}] table, got {table!r}")
-        sections[name] = _build_section(SECTIONS[name], name, table, where)
+        sections[name] = _build_section(SECTIONS[name], name, table, where, origins)
     try:
         return Recipe(**sections)
-    except RecipeError as e:
-        raise RecipeError(f"{where}: {e}") from None
+    except RecipeError as e:  # a cross-field rule: its message starts with the key it names
+        raise RecipeError(f"{origins.get(str(e).split(' = ')[0], where)}: {e}") from None
 
 
 def default_recipe_path() -> Path:
@@ -321,19 +332,21 @@ def default_recipe_path() -> Path:
     return packaged if packaged.exists() else Path(__file__).parent.parent / "recipes" / "tiny_cpu.toml"
 
 
-def _build_section(cls, section: str, table: dict, where: str):
+def _build_section(cls, section: str, table: dict, where: str, origins: dict[str, str]):
     hints = typing.get_type_hints(cls)
     for key, value in table.items():
+        source = origins.get(f"{section}.{key}", where)
         if key not in hints:
-            raise RecipeError(f"{where}: unknown key {section}.{key}{_did_you_mean(key, hints)}")
+            raise RecipeError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, hints)}")
         if not _type_ok(value, hints[key]):
             raise RecipeError(
-                f"{where}: {section}.{key} = {value!r}: must be {_type_name(hints[key])}, got {type(value).__name__}"
+                f"{source}: {section}.{key} = {value!r}: must be {_type_name(hints[key])}, got {type(value).__name__}"
             )
     try:
         return cls(**{k: float(v) if hints[k] is float else v for k, v in table.items()})
-    except RecipeError as e:
-        raise RecipeError(f"{where}: {section}.{e}") from None
+    except RecipeError as e:  # a field's rule: its message starts with the field's name (see _rule)
+        key = f"{section}.{str(e).split(' = ')[0]}"
+        raise RecipeError(f"{origins.get(key, where)}: {section}.{e}") from None
 
 
 def _type_ok(value, hint) -> bool:
@@ -357,7 +370,8 @@ def _type_name(hint) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> str:
+    """Set the value in `raw`; returns the key it set ("section.key")."""
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
@@ -367,6 +381,7 @@ def _apply_override(raw: dict, item: str) -> None:
     except tomllib.TOMLDecodeError:
         value = text.strip()  # a bare word is a string: --set data.source=corpus.txt
     raw.setdefault(section, {})[name] = value
+    return f"{section}.{name}"
 
 
 def _did_you_mean(name: str, options) -> str:

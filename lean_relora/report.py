@@ -1,8 +1,7 @@
 """`lean-relora report`: pictures of one or more runs, and the spectrum of the update a run accumulated.
 
-The curves come from RUN_DIR/metrics.jsonl alone (see progress.py for its records). The spectrum compares two
-checkpoints: ReLoRA's claim is that a sum of rank-r cycles is not rank r, and the singular values of W_end - W_start
-of one weight matrix show directly whether a run got there.
+The curves come from RUN_DIR/metrics.jsonl (see progress.py for its records), the learning rate from the run's
+schedule; spectrum.py measures and draws the update of one weight matrix with the helpers here.
 
 matplotlib is an optional extra (`pip install 'lean-relora[report]'`): it is imported inside the functions that draw,
 never when the package is imported, so training never needs it.
@@ -12,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 METRICS = "metrics.jsonl"
 REPORT = "report"  # default output directory, inside the first run directory
-EFFECTIVE = 0.01  # singular values above this share of the largest count towards the effective rank
 NEEDS_MATPLOTLIB = "lean-relora report needs matplotlib: pip install 'lean-relora[report]'"
 
 
@@ -108,7 +105,14 @@ def _restart_legend(ax, runs: dict[str, dict]) -> None:
     handles, names = ax.get_legend_handles_labels()
     if any(m["restart"] for m in runs.values()):
         handles, names = handles + [Line2D([], [], color="grey", linestyle="--", linewidth=0.8)], names + ["restart"]
-    ax.legend(handles, names, fontsize="small")
+    outside_legend(ax, handles, names)
+
+
+def outside_legend(ax, handles=None, names=None) -> None:
+    """The legend to the right of the axes, where it covers no data (save() keeps it in the picture)."""
+    if handles is None:
+        handles, names = ax.get_legend_handles_labels()
+    ax.legend(handles, names, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def loss_figure(runs: dict[str, dict]):
@@ -139,6 +143,51 @@ def step_figure(runs: dict[str, dict], key: str, ylabel: str, title: str):
     return fig
 
 
+def lr_figure(runs: dict[str, dict], schedules: dict[str, tuple] | None = None):
+    """The learning rate against the step, drawn from each run's schedule (JaggedCosine at every step, so each
+    re-warm shows whole, even between logged steps) where its recipe is known (schedules()), else the logged values;
+    the end of the full-rank warm start (solid) and the restarts (dashed) marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    schedules = schedules or {}
+    for i, (label, m) in enumerate(runs.items()):
+        colour = f"C{i}"
+        found = schedules.get(label)
+        if found is not None and m["train"]:
+            schedule, peak = found
+            steps = np.arange(1, int(m["train"][-1]["step"]) + 1)
+            # The update of step t uses the rate of schedule(t - 1): the same pairing as the logged records.
+            ax.plot(steps, [peak * schedule(int(t) - 1) for t in steps], color=colour, linewidth=1, label=label)
+            if 0 < schedule.warm_start_steps <= steps[-1]:
+                ax.axvline(schedule.warm_start_steps, color=colour, linewidth=1.2, alpha=0.7,
+                           label=f"{label}: warm start ends (step {schedule.warm_start_steps})")
+        else:
+            ax.plot(column(m["train"], "step"), column(m["train"], "lr"), color=colour, linewidth=1,
+                    label=f"{label} (logged steps)")
+        _restart_lines(ax, column(m["restart"], "step"), colour)
+    ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    _restart_legend(ax, runs)
+    return fig
+
+
+def schedules(run_dirs: list[str | Path]) -> dict[str, tuple]:
+    """Each run's (JaggedCosine, peak lr), under its legend label, from the recipe of its newest checkpoint; runs
+    without a checkpoint are left out (lr_figure draws their logged values)."""
+    from lean_relora import checkpoint
+    from lean_relora.schedule import JaggedCosine
+
+    found = {}
+    for label, run_dir in zip(labels(run_dirs), run_dirs):
+        try:
+            recipe = checkpoint.saved_recipe(checkpoint.find_latest(Path(run_dir), checksums=False)[0])
+        except checkpoint.CheckpointError:
+            continue
+        found[label] = (JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
+                                     recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
+                                     recipe.relora.warm_start_steps), recipe.optim.lr)
+    return found
+
+
 def save(fig, path: Path) -> Path:
     """Write a PNG through a temporary file and a rename: an interrupted report never leaves half a picture."""
     plt = pyplot()
@@ -146,6 +195,9 @@ def save(fig, path: Path) -> Path:
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
         os.replace(tmp, path)
+    except OSError as e:
+        raise ReportError(f"--out {path.parent}: cannot write {path.name} there ({e.strerror or e}); choose a "
+                          "writable directory") from None
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
@@ -156,8 +208,17 @@ def out_directory(out_dir: str | Path, create: bool = True) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"--out {out_dir}: exists and is not a directory; choose a directory")
-    if create:
+    if not create:
+        # Where it does not exist yet, its nearest existing ancestor must be a directory it can be made in.
+        ancestor = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+        if not ancestor.is_dir():
+            raise ReportError(f"--out {out_dir}: {ancestor} is a file, not a directory; choose a directory")
+        return out_dir
+    try:
         out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"--out {out_dir}: cannot be created ({e.strerror or e}); choose a writable directory") \
+            from None
     return out_dir
 
 
@@ -166,122 +227,10 @@ def read_runs(run_dirs: list[str | Path]) -> dict[str, dict[str, list[dict]]]:
     return {label: read_metrics(d) for label, d in zip(labels(run_dirs), run_dirs)}
 
 
-def plot_runs(runs: dict[str, dict[str, list[dict]]], out_dir: str | Path) -> list[Path]:
+def plot_runs(runs: dict[str, dict[str, list[dict]]], out_dir: str | Path,
+              schedules: dict[str, tuple] | None = None) -> list[Path]:
     """loss.png, lr.png and throughput.png of the runs (read_runs), overlaid, in out_dir. Returns their paths."""
     out_dir = out_directory(out_dir)
     return [save(loss_figure(runs), out_dir / "loss.png"),
-            save(step_figure(runs, "lr", "learning rate", "learning rate"), out_dir / "lr.png"),
+            save(lr_figure(runs, schedules), out_dir / "lr.png"),
             save(step_figure(runs, "tokens_per_s", "tokens/s", "throughput"), out_dir / "throughput.png")]
-
-
-# ----------------------------------------------------------------------------------------------- spectrum
-
-
-@dataclass
-class Spectrum:
-    label: str
-    layer: str
-    rank: int | None  # the LoRA rank of the layer; None where the newest checkpoint is still dense
-    start: str  # what W_start is: a checkpoint name or "initial weights"
-    end: str  # the checkpoint W_end comes from
-    singular_values: np.ndarray  # of W_end - W_start, descending
-
-    @property
-    def effective_rank(self) -> int:
-        return int((self.singular_values > EFFECTIVE * self.singular_values[0]).sum())
-
-
-def spectrum(run_dir: str | Path, layer: str | None = None, label: str | None = None) -> Spectrum:
-    """The singular values of W_end - W_start of one weight matrix (default: the first ReLoRA down_proj).
-
-    W_end: the newest intact checkpoint, a ReLoRA layer merged as W + s B A (W the fp32 master where the run kept
-    one). W_start: the oldest intact dense checkpoint before it (the end of a full-rank warm start, so the update
-    measured is ReLoRA's alone), else the initial weights, which the recipe's seed reproduces. A run without a master
-    (relora.fidelity = naive) holds only the quantized base, whose full-rank rounding error shows in the tail."""
-    import torch
-
-    from lean_relora import checkpoint
-    from lean_relora.export import load_trained, merged_layer
-    from lean_relora.relora import ReLoRALinear
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir}: no such run directory")
-    end, _ = checkpoint.find_latest(run_dir)
-    trained = load_trained(end)
-    modules = dict(trained.model.named_modules())
-    wrapped = [n for n, m in modules.items() if isinstance(m, ReLoRALinear)]
-    linear = wrapped + [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in wrapped]
-    name = layer or next((n for n in linear if n.endswith("down_proj")), None)
-    if name not in linear:
-        raise ReportError(f"--layer {name}: no such linear layer in {end}; e.g. {', '.join(linear[:3])}"
-                          if name else f"{end}: has no down_proj layer; choose a weight matrix with --layer")
-    module = modules[name]
-    w_end = merged_layer(module).weight.detach() if name in wrapped else module.weight.detach().float()
-    recipe, config, rank = trained.recipe, trained.model.config, getattr(module, "rank", None)
-    del trained, modules, module  # a large model: keep one copy in memory at a time
-    start = _oldest_dense(run_dir, before=end)
-    if start is not None:
-        from safetensors import safe_open
-
-        with safe_open(start / checkpoint.MODEL, framework="pt") as f:
-            w_start = f.get_tensor(f"{name}.weight").float()
-    else:
-        w_start = initial_weight(recipe, config, name)
-    values = torch.linalg.svdvals((w_end - w_start).double()).numpy()
-    if values[0] == 0:
-        raise ReportError(f"{run_dir}: {name} is the same in {end.name} and "
-                          f"{start.name if start else 'the initial weights'}: it did not train; choose another --layer")
-    return Spectrum(label or run_dir.resolve().name, name, rank, start.name if start else "initial weights", end.name,
-                    values)
-
-
-def _oldest_dense(run_dir: Path, before: Path) -> Path | None:
-    """The oldest intact checkpoint before `before` that holds a dense model (state.json "relora": false)."""
-    from lean_relora import checkpoint
-
-    for path in checkpoint.listed(run_dir / checkpoint.CHECKPOINTS):
-        if checkpoint.step_of(path) >= checkpoint.step_of(before):
-            break
-        try:
-            checkpoint.verify(path)
-        except checkpoint.CheckpointError:
-            continue  # a damaged one cannot be trusted; a later dense one still can
-        if not checkpoint.read_state(path)["relora"]:
-            return path
-    return None
-
-
-def initial_weight(recipe, config, name: str):
-    """`name`'s weight as training started, rebuilt as train.setup builds it: seed torch, then build_model.
-
-    setup builds the data in between, but that draws nothing from torch's generator (numpy generators and a seeded
-    datasets split), and the vocabulary size and EOS id the model got are in the checkpoint's config, so the corpus
-    (perhaps a hub stream) is not read again. tests/test_report.py checks the result against setup itself."""
-    import torch
-
-    from lean_relora.model import build_model
-
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
-        torch.manual_seed(recipe.train.seed)
-        model = build_model(recipe.model, config.vocab_size, recipe.data.seq_len, config.eos_token_id)
-    return model.get_submodule(name).weight.detach().float()
-
-
-def plot_spectrum(spectra: list[Spectrum], out_dir: str | Path) -> Path:
-    """spectrum.png: each run's singular values normalised by its largest (log scale), its LoRA rank dotted."""
-    plt = pyplot()
-    out_dir = out_directory(out_dir)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, s in enumerate(spectra):
-        ax.semilogy(np.arange(1, len(s.singular_values) + 1), s.singular_values / s.singular_values[0],
-                    color=f"C{i}", linewidth=1.2, label=f"{s.label} ({s.start} -> {s.end}), effective rank "
-                    f"{s.effective_rank}")
-        if s.rank is not None:
-            ax.axvline(s.rank, color=f"C{i}", linestyle=":", label=f"{s.label} LoRA rank {s.rank}")
-    ax.axhline(EFFECTIVE, color="grey", linewidth=0.8, linestyle="--", label=f"{EFFECTIVE:.0%} of the largest")
-    layers = sorted({s.layer for s in spectra})
-    ax.set(xlabel="index", ylabel="singular value / largest",
-           title=f"accumulated update W_end - W_start of {', '.join(layers)}")
-    ax.legend(fontsize="small")
-    return save(fig, out_dir / "spectrum.png")

@@ -19,14 +19,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from lean_relora import checkpoint
+from lean_relora import checkpoint, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
-from lean_relora.progress import Reporter, drop_records_after
+from lean_relora.progress import Reporter, command, drop_records_after
 from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, target_summary, wrap_model
 from lean_relora.schedule import JaggedCosine
@@ -93,8 +93,9 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
     torch.manual_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     if recipe.optim.name == "paged_adamw8bit" and device.type != "cuda":
-        log.info("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
-                 device.type)
+        # The default recipe names it and runs anywhere: a CPU run using ordinary 8-bit state is expected, not news.
+        log.debug("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
+                  device.type)
     data, tokenizer = build_data(recipe.data, run_dir, recipe.model.pretrained)
     vocab_size = recipe.model.vocab_size or data.vocab_size
     if vocab_size < data.vocab_size and not recipe.model.pretrained:  # a pretrained model has its own vocab_size
@@ -254,23 +255,29 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
         drop_records_after(run_dir / "metrics.jsonl", checkpoint.read_state(found[0])["train_state"]["step"])
     reporter = reporter or Reporter(run_dir / "metrics.jsonl", end,
                                     sinks=open_sinks(recipe.log, run_dir, recipe.to_dict()))
+    reporter.line(f"run dir: {run_dir}")
     saved_step = _resume(run, *found, reporter) if found is not None else None
+    saved_path = found[0] if found is not None else None
     state, schedule = run.state, run.schedule
     if state.step >= end and end < recipe.train.max_steps:
         raise RecipeError(f"--max-steps {end}: the run is already at step {state.step}; give a later step")
     if resume is None:
         _eval(run, reporter)
     window_start, window_tokens, window_wait = time.perf_counter(), state.tokens, run.loader.wait_seconds
+    loop_start, loop_tokens, loss = window_start, window_tokens, None
+    reporter.start(state.step, state.restarts, schedule)
     stop.arm()
     while state.step < end:
         if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
         elif schedule.is_restart(state.step):
+            merges.save(run.model, run_dir, state.step)  # what report --spectrum sums, whatever checkpoints remain
             reporter.restart(restart(run))
         lr = recipe.optim.lr * schedule(state.step)
         set_lr(run.optimizer, lr)
         loss = train_step(run)
+        reporter.tick(state.step, state.restarts)
         if state.bad_steps:
             limit = recipe.checkpoint.max_bad_steps
             reporter.line(f"step {state.step}: loss {loss} or its gradient is not finite; step skipped "
@@ -296,24 +303,29 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             _eval(run, reporter)
         every = recipe.checkpoint.every
         if every and state.step % every == 0 and state.step < end:
-            checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
+            saved_path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
             saved_step = state.step
     run.loader.close()
+    loop_seconds = time.perf_counter() - loop_start
     if saved_step != state.step:
-        path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
-        reporter.line(f"step {state.step}: checkpoint {path}")
+        saved_path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
+        reporter.line(f"step {state.step}: checkpoint {saved_path}")
+    resume_command = command("lean-relora", "train", "--run-dir", run_dir, "--resume", "auto")
     if stop.signal:
         reporter.line(f"{stop.signal}: stopped after step {state.step} of {recipe.train.max_steps}; continue with: "
-                      f"lean-relora train --run-dir {run_dir} --resume auto")
+                      f"{resume_command}")
     else:
         _eval(run, reporter)
         if state.step < recipe.train.max_steps:
             reporter.line(f"step {state.step}: stopped at --max-steps {end} of {recipe.train.max_steps}; continue "
-                          f"with: lean-relora train --run-dir {run_dir} --resume auto")
+                          f"with: {resume_command}")
     (_, first), (_, last) = state.eval_losses[0], state.eval_losses[-1]
-    summary = {"steps": state.step, "restarts": state.restarts, "tokens": state.tokens,
-               "first eval loss": first, "last eval loss": last, "seconds": time.perf_counter() - started,
-               "run dir": str(run_dir)}
+    summary = {"steps": state.step, "restarts": state.restarts, "tokens": state.tokens, "train loss": loss,
+               "first eval loss": first, "last eval loss": last,
+               "tokens/s": (state.tokens - loop_tokens) / loop_seconds if state.tokens > loop_tokens else None,
+               "seconds": time.perf_counter() - started, "run dir": str(run_dir), "checkpoint": str(saved_path),
+               "next": resume_command if state.step < recipe.train.max_steps
+               else command("lean-relora", "export", run_dir, run_dir / "hf")}
     if state.skipped:
         summary["skipped steps"] = state.skipped
     if stop.signal:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,12 +124,18 @@ def test_help_documents_every_command_and_option():
         assert option in output
 
 
-def test_console_script_runs_in_a_subprocess_quietly_when_not_a_tty(tiny, tmp_path):
+def test_console_script_run_without_a_terminal_prints_a_plain_line_every_log_every_steps(tiny, tmp_path):
     run_dir = tmp_path / "run"
     script = Path(sys.executable).parent / "lean-relora"
-    result = subprocess.run([str(script), "train", str(tiny), "--run-dir", str(run_dir), "--max-steps", "4"],
+    result = subprocess.run([str(script), "train", str(tiny), "--run-dir", str(run_dir), "--set", "log.every=2"],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
-    assert "━" not in result.stderr  # no progress bar redraws in a log
+    assert "━" not in result.stderr and "Traceback" not in result.stderr  # no progress bar redraws in a log
     assert "step 3: restart 1" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ") and "/7: " in line]
+    assert [line.split("/")[0] for line in lines] == ["step 2", "step 4", "step 6", "step 7"]  # and the last step
+    for line in lines:
+        assert re.fullmatch(r"step \d/7: loss \d\.\d{4}, lr \d\.\d\de[-+]\d\d, [\d,]+ tok/s, ETA \d:\d\d:\d\d"
+                            r"(, data wait \d+\.\d\d s)?, restarts? \d/2( in \d steps| now)?", line), line
+    assert lines[0].endswith("restart 1/2 in 1 steps") and lines[-1].endswith("restarts 2/2")
     assert (run_dir / "metrics.jsonl").exists()

@@ -13,8 +13,11 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from lean_relora import report
-from lean_relora.checkpoint import find_latest, saved_recipe
+from lean_relora import report, spectrum
+from safetensors import safe_open
+
+from lean_relora.checkpoint import MODEL, find_latest, saved_recipe
+from lean_relora.export import load_trained, merged_layer
 from lean_relora.train import setup
 from test_cli import TINY, invoke
 
@@ -89,18 +92,62 @@ def test_spectrum_of_a_relora_run_exceeds_the_lora_rank(runs, tmp_path):
     assert_png(tmp_path / "spectrum.png")
     printed = {}
     for line in output.splitlines():
-        match = re.match(r"\W*(warm|cold)\W+(step-\d+|initial weights)\W+step-00000009\W+(\d+)\W+(\d+)\W*$", line)
+        match = re.match(r"\W*(warm|cold)\W+(ReLoRA, step \d|step-\d+|initial weights)\W+step-00000009\W+"
+                         r"(\d+)\W+(\d+)\W*$", line)
         if match:
             printed[match[1]] = (match[2], int(match[3]), int(match[4]))
-    assert printed["warm"][:2] == ("step-00000003", RANK) and printed["cold"][:2] == ("initial weights", RANK)
+    assert printed["warm"][:2] == ("ReLoRA, step 3", RANK)
+    assert printed["cold"][:2] == ("ReLoRA, step 0", RANK)
     assert printed["warm"][2] > RANK and printed["cold"][2] > RANK
     # The update is a sum of one rank-2 product per cycle: above that rank only fp32 rounding is left. A W_start
     # that was not exactly where training started would leave a full-rank difference instead.
     for name, cycles in CYCLES.items():
-        s = report.spectrum(runs / name)
+        s = spectrum.measure(runs / name)
         assert s.layer == "model.layers.0.mlp.down_proj" and s.effective_rank == printed[name][2]
         assert RANK < s.effective_rank <= RANK * cycles
         assert s.singular_values[RANK * cycles] < 1e-5 * s.singular_values[0]
+
+
+def test_spectrum_is_the_relora_phase_alone_after_its_start_was_pruned(runs, tmp_path):
+    """The known update: the newest checkpoint's merged weight minus the dense one at the end of the warm start.
+    With that checkpoint pruned (keep_last), the spectrum is still that of the ReLoRA phase, not of the whole run."""
+    end, _ = find_latest(runs / "warm")
+    name = "model.layers.0.mlp.down_proj"
+    layer = load_trained(end).model.get_submodule(name)
+    with safe_open(runs / "warm" / "checkpoints" / "step-00000003" / MODEL, framework="pt") as f:
+        known = merged_layer(layer).weight.detach().double() - f.get_tensor(f"{name}.weight").double()
+    pruned = shutil.copytree(runs / "warm", tmp_path / "warm")
+    for path in (pruned / "checkpoints").glob("step-*"):
+        if path.name != end.name:
+            shutil.rmtree(path)
+    s = spectrum.measure(pruned)
+    assert s.start == "ReLoRA, step 3" and s.end == end.name
+    expected = torch.linalg.svdvals(known).numpy()
+    np.testing.assert_allclose(s.singular_values[:RANK * 2], expected[:RANK * 2], rtol=1e-4)
+    assert s.singular_values[RANK * 2] < 1e-6 * s.singular_values[0]  # two rank-2 cycles: rank 4, nothing more
+
+
+def test_lr_plot_is_the_schedule_with_every_rewarm_and_the_warm_start_marked(runs):
+    m = report.read_metrics(runs / "warm")
+    found = report.schedules([runs / "warm"])
+    figure = report.lr_figure({"warm": m}, found)
+    ax = figure.axes[0]
+    curve = ax.lines[0]
+    xs, ys = curve.get_xdata(), curve.get_ydata()
+    assert list(xs) == list(range(1, 10))  # every step, not only the logged ones
+    logged = {r["step"]: r["lr"] for r in m["train"]}
+    np.testing.assert_allclose([ys[x - 1] for x in logged], list(logged.values()), rtol=1e-12)
+    for restart in column_steps(m["restart"]):
+        assert ys[restart] == 0.0  # the update after a restart re-warms from 0
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "warm: warm start ends (step 3)" in legend and "restart" in legend
+    bbox = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert bbox.x0 > 1.0  # outside the axes: it covers no data
+    report.pyplot().close(figure)
+
+
+def column_steps(records):
+    return [int(r["step"]) for r in records]
 
 
 def test_initial_weights_are_rebuilt_exactly_as_training_started(runs, tmp_path):
@@ -111,7 +158,7 @@ def test_initial_weights_are_rebuilt_exactly_as_training_started(runs, tmp_path)
     started = setup(recipe, tmp_path).model  # fp32 model, nf4 base: its fp32 master is the dense initial weight
     state = torch.get_rng_state()
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
-        assert torch.equal(report.initial_weight(recipe, config, name), started.get_submodule(name).base.master.read())
+        assert torch.equal(spectrum.initial_weight(recipe, config, name), started.get_submodule(name).base.master.read())
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
 
 
