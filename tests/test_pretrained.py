@@ -142,7 +142,7 @@ def test_a_trained_bpe_with_a_pretrained_model_is_refused_with_one_line(recipe, 
     code, output = invoke("train", recipe, "--run-dir", tmp_path / "run", "--set", f"model.pretrained='{model_dir}'",
                           "--set", "data.tokenizer='bpe'")
     assert code == 2
-    assert output == (f"error: {recipe}: data.tokenizer = 'bpe': a BPE trained on the corpus does not match the "
+    assert output == ("error: --set data.tokenizer='bpe': data.tokenizer = 'bpe': a BPE trained on the corpus does not match the "
                       "vocabulary model.pretrained was trained on; set data.tokenizer = \"\" for the model's own "
                       "tokenizer, or name another\n")
 

@@ -19,6 +19,10 @@ RECORDS = [{"step": 0, "eval_loss": 5.5, "eval_ppl": 244.7, "tokens": 0},
            {"step": 2, "restart": 1, "merge_seconds": 0.5, "retention": 0.99}]
 
 
+SUMMARY = {"steps": 1, "restarts": 0, "tokens": 8, "first eval loss": 5.0, "last eval loss": 4.0, "seconds": 1.0,
+           "run dir": "run"}
+
+
 def test_scalars_name_each_number_by_its_record_kind_and_leave_out_non_finite():
     assert scalars(RECORDS[1])["train/loss"] == 5.25 and "train/step" not in scalars(RECORDS[1])
     assert "train/loss" not in scalars(RECORDS[2]) and scalars(RECORDS[2])["train/lr"] == 2e-3
@@ -36,7 +40,7 @@ def test_tensorboard_events_hold_every_record(tmp_path):
     reporter.step(RECORDS[1], 1)
     reporter.step(RECORDS[2], 0)
     reporter.restart(RECORDS[3])
-    reporter.close({})
+    reporter.close(SUMMARY)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     value = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]  # noqa: E731
@@ -50,7 +54,7 @@ def test_wandb_offline_run_holds_the_records(tmp_path):
     reporter = Reporter(tmp_path / "metrics.jsonl", 2, live=False,
                         sinks=open_sinks(LogConfig(wandb="offline"), tmp_path, {"lora": {"rank": 4}}))
     reporter.step(RECORDS[1], 1)
-    reporter.close({})
+    reporter.close(SUMMARY)
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     deadline = time.monotonic() + 30  # wandb's own service process writes the file, after finish() has returned
     while b"data_wait_s" not in (data := run.read_bytes()) and time.monotonic() < deadline:
