@@ -24,7 +24,6 @@ every complete checkpoint and a `latest` naming one of them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -41,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
-from lean_relora.durable import sync_dir, write_text
+from lean_relora.durable import file_sha256, sync_dir, write_text
 from lean_relora.master import DiskMaster, link_or_copy
 from lean_relora.optim import load_optimizer_state, optimizer_state
 from lean_relora.quant import FrozenBase
@@ -157,12 +156,7 @@ def _rng_state(run: Run) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _sync(path: Path) -> dict:
     """fsync a written file and describe it for meta.json."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-        os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path, sync=True)}
 
 
 def _prune(root: Path, keep_last: int, step: int) -> None:

@@ -3,6 +3,7 @@ files and disk masters write through these, then rename into place, so a reader 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +17,17 @@ def write_synced(path: Path, data: bytes | memoryview) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_synced(path, text.encode("utf-8"))
+
+
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """The file's sha256, read in 4 MiB chunks; with `sync` the file is fsynced through the same handle."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
 
 
 def sync_dir(path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from lean_relora.load import streamable
+from lean_relora.load import streams
 from lean_relora.optim import SlicedAdamW8bit
 from lean_relora.recipe import Recipe
 
@@ -57,20 +57,19 @@ class HostRam:
 
 
 def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device_step_peak: int,
-             device_resident: int, keeps_master: bool, largest_trainable: int = 0, gradients: int = 0) -> HostRam:
+             device_resident: int, largest_trainable: int = 0, gradients: int = 0) -> HostRam:
     """`target_numels`: weights of each ReLoRA target; `other_params`: every other weight of the model;
     `device_step_peak`: the traced peak of a training step; `device_resident`: the model and optimizer bytes on the
     device between steps (used when the device is the CPU); `largest_trainable`: elements of the largest tensor the
     optimizer updates; `gradients`: bytes of all gradients at once."""
     weight = 2 if recipe.model.dtype == "bf16" else 4
+    keeps_master = recipe.keeps_master
     on_cpu = recipe.train.device == "cpu"
     cpu_8bit = recipe.optim.name != "adamw"
     on_disk = keeps_master and recipe.relora.master == "disk"
     largest = max(target_numels)
     masters = 4 * sum(target_numels) if keeps_master and not on_disk else 0
-    streams = bool(recipe.model.pretrained) and not recipe.relora.warm_start_steps and streamable(
-        recipe.model.pretrained)
-    if streams:  # one dense layer (read, then quantized) and its fp32 master copy while it is written
+    if streams(recipe):  # one dense layer (read, then quantized) and its fp32 master copy while it is written
         setup = largest * (weight + 4 * keeps_master) + (device_resident if on_cpu else 0)
     else:  # the dense model; as each target is wrapped its dense weight goes and its RAM master comes
         dense_targets = weight * sum(target_numels)

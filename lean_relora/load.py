@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from lean_relora.recipe import RecipeError
+from lean_relora.recipe import Recipe, RecipeError
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -31,6 +31,13 @@ def streamable(pretrained: str) -> bool:
     """A local directory whose weights are safetensors (one file or an index of shards)."""
     path = Path(pretrained)
     return path.is_dir() and ((path / SINGLE).is_file() or (path / INDEX).is_file())
+
+
+def streams(recipe: Recipe) -> bool:
+    """Whether setup reads the recipe's pretrained model tensor by tensor: a local safetensors directory, and ReLoRA
+    from the start (a full-rank warm start trains the dense model, which from_pretrained builds)."""
+    return bool(recipe.model.pretrained) and not recipe.relora.warm_start_steps and streamable(
+        recipe.model.pretrained)
 
 
 class TensorSource:

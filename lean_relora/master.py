@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lean_relora.durable import write_synced
+from lean_relora.durable import file_sha256, write_synced
 
 MASTER_DIR = "master"  # RUN_DIR/master: the disk masters of a run
 GENERATION = re.compile(r"gen-(\d{6,})")
@@ -131,14 +131,6 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _map(path: Path, shape: torch.Size) -> torch.Tensor:

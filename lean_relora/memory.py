@@ -207,7 +207,6 @@ def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
     """Host RAM by phase (host.py), from the analytic model alone: quick enough for train's pre-start check."""
     shapes, m = target_shapes(recipe, vocab), recipe.model
     others = (2 * m.num_layers + 1 + vocab * (1 if m.tie_embeddings else 2)) * m.hidden_size
-    keeps_master = recipe.relora.fidelity == "master" and not (recipe.lora.quant == "none" and m.dtype == "fp32")
     relora = analytic(recipe, vocab)
     step = max(sum(relora.values()), sum(analytic(recipe, vocab, "full").values()) if
                recipe.relora.warm_start_steps else 0)
@@ -215,8 +214,8 @@ def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
     largest = max(max(o * i for o, i in shapes) if recipe.relora.warm_start_steps else 0,
                   embedding if recipe.lora.train_embeddings or recipe.lora.train_lm_head else 0,
                   max(recipe.lora.rank * max(o, i) for o, i in shapes))
-    return host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), keeps_master,
-                    largest, relora["trainable weights"])
+    return host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), largest,
+                    relora["trainable weights"])
 
 
 def host_refusal(recipe: Recipe, available: int) -> str | None:

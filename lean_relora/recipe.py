@@ -247,6 +247,13 @@ class Recipe:
                 "equal trains full-rank throughout"
             )
 
+    @property
+    def keeps_master(self) -> bool:
+        """Whether each frozen base keeps an fp32 master (relora.fidelity = master), unless the base is exact already
+        (lora.quant = none in fp32: a master would only duplicate it)."""
+        exact_base = self.lora.quant == "none" and self.model.dtype == "fp32"
+        return self.relora.fidelity == "master" and not exact_base
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -23,7 +23,7 @@ from lean_relora import checkpoint, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
-from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable
+from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter, command, drop_records_after
@@ -103,8 +103,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
                           "set it to 0 or at least that")
     source = None
     dtype = DTYPES[recipe.model.dtype]
-    if (config is None and recipe.model.pretrained and not recipe.relora.warm_start_steps
-            and streamable(recipe.model.pretrained)):
+    if config is None and streams(recipe):
         model, source = empty_pretrained(recipe.model.pretrained, dtype)  # filled layer by layer in start_relora
         prepare_model(model, recipe.model, vocab_size, recipe.data.seq_len)
     else:
@@ -131,8 +130,7 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     With `source` the model's parameters are still on meta: each is read from the pretrained files as it is needed."""
     recipe = run.recipe
     run.optimizer = None  # free the full-rank optimizer state before quantizing
-    exact_base = recipe.lora.quant == "none" and recipe.model.dtype == "fp32"  # a master would only duplicate it
-    keep_master = recipe.relora.fidelity == "master" and not exact_base
+    keep_master = recipe.keeps_master
     on_disk = keep_master and recipe.relora.master == "disk"
     if on_disk and run.run_dir is None:
         raise RecipeError('relora.master = "disk": needs a run directory to keep the masters in')
