@@ -7,10 +7,12 @@ Layout, defined here once (RUN_DIR/checkpoints/):
                            codes and row absmax, bias)
       base.safetensors     per frozen base "<module>.<key>": bnb quant state, fp32 master copy, retention probe
       state.safetensors    "optimizer.<param index>.<key>" (8-bit codes, absmax, qmaps or fp32 moments) and "rng.*"
-      state.json           counters (TrainState; data position = micro_batches), python/numpy RNG, optimizer scalars
+      state.json           counters (TrainState; data position = micro_batches), python/numpy RNG, optimizer scalars,
+                           the number of ranks that trained
       config.json          the Hugging Face model config (export and eval rebuild the model from it)
       masters/<layer>.f32  with relora.master = "disk": each layer's fp32 master as of this step, a hard link to the
-                           run's immutable file of that merge generation (master.py), so no 28 GB copy per save
+                           run's immutable file of that merge generation (master.py), so no 28 GB copy per save;
+                           with several ranks (distributed.py) RAM masters too, each written by its owner
       recipe.toml          the recipe that made it (load_recipe reads it back; meta.json holds its digest)
       meta.json            written last: format, step, digest, library versions, bytes and sha256 of every other file
     latest                 the name of the newest complete checkpoint
@@ -40,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
-from lean_relora.durable import file_sha256, sync_dir, write_text
+from lean_relora.durable import file_sha256, sync_dir, write_synced, write_text
 from lean_relora.master import DiskMaster, link_or_copy
 from lean_relora.optim import load_optimizer_state, optimizer_state
 from lean_relora.quant import FrozenBase
@@ -69,59 +71,100 @@ class CheckpointSaveError(Exception):
 
 
 def save(run: Run, run_dir: Path, keep_last: int) -> Path:
-    """Write the run's whole state as checkpoints/step-<step>, atomically; prune to keep_last. Returns its path."""
+    """Write the run's whole state as checkpoints/step-<step>, atomically; prune to keep_last. Returns its path.
+    With several ranks every rank calls it: rank 0 writes the replicated state and meta.json, each rank the masters
+    it owns, all into one directory that rank 0 renames into place once every rank's files are synced."""
+    ranks = run.ranks
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:  # from a save or prune that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
     name = f"step-{run.state.step:08d}"
-    tmp, final = root / f".tmp-{name}-{os.getpid()}", root / name
+    tmp, final = root / f".tmp-{name}-{ranks.broadcast(os.getpid())}", root / name
     if run.device.type == "cuda":
         torch.cuda.synchronize()  # paged optimizer state is written asynchronously
-    try:
-        tmp.mkdir()
-        files = {}
-        for file, write in _writers(run):
-            files[file] = write(tmp / file) or _sync(tmp / file)  # a linked master brings its own size and digest
-        meta = {"format": FORMAT, "step": run.state.step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "recipe_digest": run.recipe.digest(), "versions": _versions(), "files": files}
-        write_text(tmp / META, json.dumps(meta, indent=1))
-        sync_dir(tmp)
-        if final.exists():  # a checkpoint of an abandoned continuation: set aside, never overwritten
-            final.rename(root / f"{name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.rename(tmp, final)
-        sync_dir(root)
-        write_text(root / f"{LATEST}.tmp", name + "\n")
-        os.replace(root / f"{LATEST}.tmp", root / LATEST)
-        sync_dir(root)
-    except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    error = None
+    if ranks.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for leftover in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:  # from a save or prune that was killed
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = _why(e)
+    error = ranks.broadcast(error)
+    files = {}
+    if error is None:
+        try:
+            for file, write in _writers(run):
+                files[file] = write(tmp / file) or _sync(tmp / file)  # a linked master brings its own size and digest
+        except (OSError, SafetensorError) as e:
+            error = _why(e)
+    shares = ranks.gather((files, error))
+    error = next((e for _, e in shares if e is not None), None)
+    if ranks.is_main and error is None:
+        try:
+            files = {file: entry for share, _ in shares for file, entry in share.items()}
+            meta = {"format": FORMAT, "step": run.state.step,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "recipe_digest": run.recipe.digest(), "versions": _versions(), "files": files}
+            write_text(tmp / META, json.dumps(meta, indent=1))
+            sync_dir(tmp)
+            if ranks.several:
+                sync_dir(tmp / MASTERS)
+            if final.exists():  # a checkpoint of an abandoned continuation: set aside, never overwritten
+                final.rename(root / f"{name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(tmp, final)
+            sync_dir(root)
+            write_text(root / f"{LATEST}.tmp", name + "\n")
+            os.replace(root / f"{LATEST}.tmp", root / LATEST)
+            sync_dir(root)
+        except (OSError, SafetensorError) as e:
+            error = _why(e)
+    error = ranks.broadcast(error)
+    if error is not None:
+        if ranks.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = _pointer(root)
         kept = f"the previous checkpoint {root / previous} is intact" if previous else "there is no earlier checkpoint"
-        why = getattr(e, "strerror", None) or re.sub(r"^.*I/O error: ", "", str(e).splitlines()[0])
-        raise CheckpointSaveError(f"checkpoint {name} could not be written to {root} ({why}); {kept}; "
-                                  "free disk space, then resume with --resume auto") from e
-    _prune(root, keep_last, run.state.step)
+        raise CheckpointSaveError(f"checkpoint {name} could not be written to {root} ({error}); {kept}; "
+                                  "free disk space, then resume with --resume auto")
+    if ranks.is_main:
+        _prune(root, keep_last, run.state.step)
     return final
 
 
+def _why(error: Exception) -> str:
+    return getattr(error, "strerror", None) or re.sub(r"^.*I/O error: ", "", str(error).splitlines()[0])
+
+
 def _writers(run: Run):
-    opt_tensors, opt_params = optimizer_state(run.optimizer)
-    rng_tensors, rng_json = _rng_state(run)
+    """(file, write) of what this process writes: everything for one process; with several ranks, rank 0 the
+    replicated state and each rank the masters of the layers it owns (as masters/<layer>.f32, RAM or disk alike)."""
+    ranks = run.ranks
     modules = [(n, m) for n, m in run.model.named_modules() if isinstance(m, FrozenBase)]
-    state = {"train_state": dataclasses.asdict(run.state), "relora": bool(modules),
-             "masters": any(m.master is not None for _, m in modules), "optimizer": opt_params, "rng": rng_json}
-    bases = {f"{n}.{k}": v for n, m in modules for k, v in m.extra_state().items()}
-    yield MODEL, lambda path: save_file(_plain(run.model.state_dict()), path)
-    yield BASE, lambda path: save_file(_plain(bases), path)
-    yield TENSORS, lambda path: save_file(_plain({**{OPTIMIZER_KEY + k: v for k, v in opt_tensors.items()},
-                                                  **rng_tensors}), path)
-    yield STATE, lambda path: write_text(path, json.dumps(state))
-    yield CONFIG, lambda path: write_text(path, run.model.config.to_json_string())
-    yield RECIPE, lambda path: write_text(path, run.recipe.to_toml())
+    if ranks.is_main:
+        opt_tensors, opt_params = optimizer_state(run.optimizer)
+        rng_tensors, rng_json = _rng_state(run)
+        state = {"train_state": dataclasses.asdict(run.state), "relora": bool(modules),
+                 "masters": any(m.master is not None for _, m in modules) or (ranks.several and run.recipe.keeps_master),
+                 "optimizer": opt_params, "rng": rng_json, "ranks": ranks.size}
+        bases = {f"{n}.{k}": v for n, m in modules for k, v in m.extra_state(with_master=not ranks.several).items()}
+        yield MODEL, lambda path: save_file(_plain(run.model.state_dict()), path)
+        yield BASE, lambda path: save_file(_plain(bases), path)
+        yield TENSORS, lambda path: save_file(_plain({**{OPTIMIZER_KEY + k: v for k, v in opt_tensors.items()},
+                                                      **rng_tensors}), path)
+        yield STATE, lambda path: write_text(path, json.dumps(state))
+        yield CONFIG, lambda path: write_text(path, run.model.config.to_json_string())
+        yield RECIPE, lambda path: write_text(path, run.recipe.to_toml())
     for name, module in modules:
         if module.master is not None and not module.master.in_memory:
             yield f"{MASTERS}/{name}.f32", lambda path, master=module.master: _link_master(master, path)
+        elif module.master is not None and ranks.several:
+            yield f"{MASTERS}/{name}.f32", lambda path, master=module.master: _write_master(master, path)
+
+
+def _write_master(master, path: Path) -> None:
+    """A RAM master as a raw fp32 file, the format of a disk master, which any rank count can load back."""
+    path.parent.mkdir(exist_ok=True)
+    write_synced(path, memoryview(master.read().contiguous().numpy()).cast("B"))
 
 
 def _link_master(master: DiskMaster, path: Path) -> dict:

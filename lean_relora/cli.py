@@ -80,21 +80,31 @@ def train(
         "run directory; without RECIPE the checkpoint's own recipe is used.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Start even if the memory estimate exceeds the free GPU memory; with --resume, accept recipe "
-        "changes that alter the run (model, data, LoRA, optimizer...).")] = False,
+        "changes that alter the run (model, data, LoRA, optimizer...) or a different --nproc.")] = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", help="Processes to train in, one per GPU (or CPU process): starts torchrun --standalone "
+        "--nproc-per-node N; one step then sees N x micro_batch_size x grad_accum_steps sequences.")] = 1,
 ):
     """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl.
 
     Exit codes: 0 done, 2 bad input, 1 failed (see the message), 75 stopped by SIGINT/SIGTERM after saving a
-    checkpoint (continue with --resume auto), 130 aborted by a second signal."""
+    checkpoint (continue with --resume auto), 130 aborted by a second signal. With --nproc N > 1 the code is
+    torchrun's (0 done, 1 otherwise)."""
     console = _setup_logging()
     with Outcome(console) as outcome:
-        from lean_relora.checkpoint import RECIPE, resolve
+        from lean_relora import distributed
+        from lean_relora.checkpoint import RECIPE, read_state, resolve
         from lean_relora.recipe import load_recipe
         from lean_relora.train import train as run_training
 
         overrides = list(set_ or [])
         if max_steps is not None and max_steps < 1:
             raise UserError(f"--max-steps {max_steps}: must be >= 1")
+        if nproc < 1 or (nproc > 1 and distributed.launched()):
+            raise UserError(f"--nproc {nproc}: must be >= 1, and is not given to a process torchrun started")
+        ranks = distributed.join()
+        if not ranks.is_main:  # one copy of every line: rank 0's (errors excepted)
+            logging.getLogger().setLevel(logging.ERROR)
         if resume is not None:
             # Only to find the recipe and run dir; train() picks and verifies the checkpoint (checksums) itself.
             found, _ = resolve(resume, run_dir, checksums=False)
@@ -102,16 +112,25 @@ def train(
             loaded = load_recipe(recipe or found / RECIPE, overrides)
         else:
             loaded = load_recipe(recipe, overrides)
-            run_dir = run_dir or new_run_dir(recipe)
+            run_dir = ranks.broadcast(run_dir or new_run_dir(recipe))  # one directory for the job, named by rank 0
             if (run_dir / "metrics.jsonl").exists():
                 raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
                                 "or continue it with --resume auto")
         if not force:
             _refuse_if_it_does_not_fit(loaded, found if resume is not None else None)
+        if nproc > 1:  # checked here, before torchrun starts, so that bad input is one line rather than N
+            saved = read_state(found).get("ranks", 1) if resume is not None else nproc
+            if reason := distributed.refusal(loaded) or (not force and distributed.resume_refusal(saved, nproc,
+                                                                                                loaded)):
+                raise UserError(reason)
+            distributed.launch(nproc, recipe, overrides, run_dir, max_steps, resume, force)
         directory = RunDir(run_dir)
         directory.create()
         outcome.log_dir, outcome.on_bad_input = run_dir, directory.discard
-        summary = run_training(loaded, run_dir, resume=resume, force=force, stop_at=max_steps)
+        try:
+            summary = run_training(loaded, run_dir, resume=resume, force=force, stop_at=max_steps)
+        finally:
+            distributed.leave()
     if "stopped by" in summary:
         raise typer.Exit(STOPPED)
 

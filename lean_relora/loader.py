@@ -1,6 +1,7 @@
 """Micro-batches made ahead of the step, so that the step does not wait on data.
 
-A background thread asks the data for micro-batch index, index + 1, ... and queues each with the data position after
+A background thread asks the data for micro-batch index, index + stride, ... (stride 1, or the number of ranks: each
+takes every N-th micro-batch) and queues each with the data position after
 it (`data.state_dict()`), pinned on CUDA so the copy to the GPU can overlap compute. Batches are a function of their
 index (and, for a stream, of the position it was loaded at), so reading ahead changes nothing the step computes.
 Tokenizing (a stream) and reading from the page cache (prepared files) release the GIL, so the thread runs
@@ -21,8 +22,8 @@ POLL = 0.1  # seconds between a blocked producer's looks at the stop flag
 
 
 class BatchLoader:
-    def __init__(self, data, batch_size: int, pin_memory: bool = False, depth: int = DEPTH):
-        self.data, self.batch_size, self.pin_memory, self.depth = data, batch_size, pin_memory, depth
+    def __init__(self, data, batch_size: int, pin_memory: bool = False, depth: int = DEPTH, stride: int = 1):
+        self.data, self.batch_size, self.pin_memory, self.depth, self.stride = data, batch_size, pin_memory, depth, stride
         self.wait_seconds = 0.0
         self._thread: threading.Thread | None = None
         self._next = 0
@@ -38,7 +39,7 @@ class BatchLoader:
         if isinstance(item, BaseException):
             self._thread = None
             raise item
-        self._next = index + 1
+        self._next = index + self.stride
         return item
 
     def _start(self, index: int) -> None:
@@ -46,8 +47,8 @@ class BatchLoader:
         # The thread holds the data, not the loader: a loader dropped without close() (a Run built for one step)
         # is collected, and its finalizer stops the thread.
         self._thread = threading.Thread(target=_produce, name="lean-relora-batches", daemon=True,
-                                        args=(self.data, self.batch_size, self.pin_memory, index, self._queue,
-                                              self._stop))
+                                        args=(self.data, self.batch_size, self.pin_memory, index, self.stride,
+                                              self._queue, self._stop))
         self._thread.start()
         weakref.finalize(self, self._stop.set)
 
@@ -60,12 +61,13 @@ class BatchLoader:
         self._thread = None
 
 
-def _produce(data, batch_size: int, pin_memory: bool, index: int, out: queue.Queue, stop: threading.Event) -> None:
+def _produce(data, batch_size: int, pin_memory: bool, index: int, stride: int, out: queue.Queue,
+             stop: threading.Event) -> None:
     try:
         while not stop.is_set():
             batch = data.train_batch(index, batch_size)
             _put(out, (batch.pin_memory() if pin_memory else batch, data.state_dict()), stop)
-            index += 1
+            index += stride
     except BaseException as e:  # a DataError mid-stream surfaces in the step that asks for the batch
         _put(out, e, stop)
 

@@ -118,6 +118,8 @@ class DiskMasters:
     def collect(self) -> None:
         """Remove every generation directory that no master of this run uses now (after a merge, after a resume).
         A checkpoint's hard links keep its own files alive."""
+        if not self.masters:  # a rank that owns no layer knows no current generation: it leaves them to the owners
+            return
         current = {m.generation for m in self.masters}
         for directory in self.root.glob("gen-*"):
             match = GENERATION.fullmatch(directory.name)

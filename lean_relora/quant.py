@@ -113,12 +113,16 @@ class FrozenBase(nn.Module):
     def device(self) -> torch.device:
         return next(self.buffers()).device
 
-    def stored_bytes(self) -> int:
-        """Device bytes of the stored weight and its statistics (bias excluded)."""
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """The stored weight and its statistics (bias excluded), in a fixed order: what a merge replaces."""
         tensors = [b for name, b in self.named_buffers() if name != "bias"]
         if self.quant_state is not None:
             tensors += quant_state_tensors(self.quant_state)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
+
+    def stored_bytes(self) -> int:
+        """Device bytes of the stored weight and its statistics (bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors())
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this base keeps, buffers or not: stored form, quant state, master, retention probe."""
@@ -127,14 +131,14 @@ class FrozenBase(nn.Module):
             tensors += quant_state_tensors(self.quant_state)
         return tensors + ([self.master.read()] if self.master is not None and self.master.in_memory else [])
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
+    def extra_state(self, with_master: bool = True) -> dict[str, torch.Tensor]:
         """What a checkpoint needs beside the buffers: the bnb quant state (packed, as bnb serializes it for
-        safetensors), the fp32 master if it is in RAM (a disk master is linked by the checkpoint) and the retention
-        probe, as name -> tensor."""
+        safetensors), the fp32 master if it is in RAM and `with_master` (a disk master is linked by the checkpoint)
+        and the retention probe, as name -> tensor."""
         tensors = {f"probe.{k}": getattr(self.probe, k) for k in RetentionProbe.TENSORS}
         if self.quant_state is not None:
             tensors.update({f"quant_state.{k}": v for k, v in self.quant_state.as_dict(packed=True).items()})
-        if self.master is not None and self.master.in_memory:
+        if with_master and self.master is not None and self.master.in_memory:
             tensors["master"] = self.master.read()
         return tensors
 

@@ -22,7 +22,7 @@ FIDELITIES = ("master", "naive")
 MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
 # Fields a resumed run may change: how long, where and how much is reported, not what is trained.
-RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "eval.every", "eval.batches",
+RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "relora.check_ranks", "eval.every", "eval.batches",
                "log.every", "log.tensorboard", "log.wandb", "checkpoint.every", "checkpoint.keep_last",
                "checkpoint.max_bad_steps")
 
@@ -118,6 +118,7 @@ class ReloraConfig:
     reset_ratio: float = 0.999  # share of each LoRA moment pruned to zero at a restart (magnitude/random)
     fidelity: str = "master"  # how merges survive requantization: master (fp32 copy off the GPU) | naive
     master: str = "ram"  # where the fp32 masters live: ram (host RAM, 4 bytes/weight) | disk (RUN_DIR/master, memory-mapped: host RAM holds one layer during a merge)
+    check_ranks: bool = False  # with several ranks (torchrun): after each merge compare every stored base across the ranks by sha256 and stop on a difference (a debug check; copies each base to host RAM once per restart)
 
     def __post_init__(self):
         _positive(self, "restart_every")

@@ -122,11 +122,12 @@ def target_summary(model: nn.Module, targets: list[str]) -> tuple[str, str | Non
 def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torch.dtype,
                device: torch.device | str = "cpu", generator: torch.Generator | None = None,
                master_store: DiskMasters | None = None,
-               materialize: Callable[[str, nn.Module], None] | None = None) -> list[str]:
+               materialize: Callable[[str, nn.Module], None] | None = None, owned: set[str] | None = None) -> list[str]:
     """Replace every target nn.Linear or Conv1D by a ReLoRALinear on `device`, one layer at a time so that only one
     dense weight is ever on the device beside the quantized ones. With `keep_master` each base keeps an fp32 master,
     in host RAM or, given `master_store`, on disk. `materialize(name, layer)` fills a target's weights just before it
-    is quantized (load.py: a pretrained model read one layer at a time). Returns the names of the wrapped modules."""
+    is quantized (load.py: a pretrained model read one layer at a time). `owned`: the layers whose master this
+    process keeps (distributed.py: each master on one rank); None: all. Returns the names of the wrapped modules."""
     names = [n for n, _ in target_modules(model, cfg.targets)]
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
@@ -137,7 +138,7 @@ def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torc
         transposed = isinstance(layer, Conv1D)
         weight = layer.weight.t().contiguous() if transposed else layer.weight  # (out, in) either way
         master = None
-        if keep_master:
+        if keep_master and (owned is None or name in owned):
             master = master_store.create(name, weight) if master_store else RamMaster(weight)
         base = FrozenBase(weight.to(device), layer.bias, cfg.quant, cfg.blocksize, cfg.double_quant,
                           dtype=dtype, master=master)

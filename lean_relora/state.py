@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lean_relora.data import PackedData
+from lean_relora.distributed import SOLO, Ranks
 from lean_relora.loader import BatchLoader
 from lean_relora.recipe import Recipe
 from lean_relora.schedule import JaggedCosine
@@ -25,7 +26,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     restarts: int = 0  # merges done
     tokens: int = 0  # tokens trained on
-    micro_batches: int = 0  # micro-batches consumed
+    micro_batches: int = 0  # micro-batches consumed, by all ranks together
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every evaluation
     skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (counted in `step`, no update made)
     bad_steps: int = 0  # of those, how many in a row up to now
@@ -44,8 +45,10 @@ class Run:
     state: TrainState
     run_dir: Path | None = None  # where the run writes (disk masters live in run_dir/master)
     loader: BatchLoader | None = None  # micro-batches made ahead of the step; None: one over `data` is built
+    ranks: Ranks = SOLO  # the processes of the job (distributed.py); SOLO: this one alone
+    ddp: nn.Module | None = None  # `model` under DistributedDataParallel, which the step runs; None for one process
 
     def __post_init__(self):
         if self.loader is None:
             self.loader = BatchLoader(self.data, self.recipe.train.micro_batch_size,
-                                      pin_memory=self.device.type == "cuda")
+                                      pin_memory=self.device.type == "cuda", stride=self.ranks.size)

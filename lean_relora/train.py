@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -16,11 +17,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 from transformers import PretrainedConfig
 
 from lean_relora import checkpoint, merges
 from lean_relora.data import build_data, document_positions
+from lean_relora.distributed import SOLO, Ranks, join, refusal, resume_refusal
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
@@ -28,7 +31,8 @@ from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_con
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter, command, drop_records_after
 from lean_relora.recipe import Recipe, RecipeError
-from lean_relora.relora import lora_parameters, merge_all, relora_layers, set_trainable, target_summary, wrap_model
+from lean_relora.relora import (lora_parameters, merge_all, relora_layers, set_trainable, target_modules,
+                                target_summary, wrap_model)
 from lean_relora.schedule import JaggedCosine
 from lean_relora.sinks import check_sinks, open_sinks
 from lean_relora.state import Run, TrainState
@@ -83,20 +87,23 @@ def autocast_context(recipe: Recipe, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
 
 
-def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None) -> Run:
+def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None, ranks: Ranks = SOLO) -> Run:
     """The run's data, model, schedule and optimizer. `config` (a checkpoint's, on resume) builds the model from it
-    instead of reading model.pretrained, whose weights the checkpoint holds anyway."""
+    instead of reading model.pretrained, whose weights the checkpoint holds anyway. `ranks`: the job's processes."""
+    if ranks.several and (reason := refusal(recipe)):
+        raise RecipeError(reason)
     if recipe.model.pretrained and config is None:
         pretrained_config(recipe.model.pretrained)  # a wrong path or hub name fails now, not after reading the corpus
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     torch.manual_seed(recipe.train.seed)
-    device = resolve_device(recipe.train.device)
+    device = ranks.device(resolve_device(recipe.train.device))
     if recipe.optim.name == "paged_adamw8bit" and device.type != "cuda":
         # The default recipe names it and runs anywhere: a CPU run using ordinary 8-bit state is expected, not news.
         log.debug("paged_adamw8bit pages its state through CUDA unified memory; on %s it keeps ordinary 8-bit state",
                   device.type)
-    data, tokenizer = build_data(recipe.data, run_dir, recipe.model.pretrained)
+    with ranks.main_first():  # rank 0 fills the run directory's caches (tokenizer, tokenized data) for the others
+        data, tokenizer = build_data(recipe.data, run_dir, recipe.model.pretrained)
     vocab_size = recipe.model.vocab_size or data.vocab_size
     if vocab_size < data.vocab_size and not recipe.model.pretrained:  # a pretrained model has its own vocab_size
         raise RecipeError(f"model.vocab_size = {vocab_size}: smaller than the tokenizer's {data.vocab_size} tokens; "
@@ -116,10 +123,11 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
                             recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
                             recipe.relora.warm_start_steps)
     run = Run(recipe, device, data, model, None, schedule, torch.Generator().manual_seed(recipe.train.seed),
-              TrainState(), run_dir)
+              TrainState(), run_dir, ranks=ranks)
     if recipe.relora.warm_start_steps > 0:
         run.model = model.to(device)
         run.optimizer = build_optimizer(run.model, recipe.optim, device)
+        run.ddp = ranks.wrap(run.model)
     else:
         start_relora(run, source)
     return run
@@ -129,7 +137,7 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     """Quantize the base, add LoRA factors, freeze what must not train, and build a fresh optimizer for the rest.
     With `source` the model's parameters are still on meta: each is read from the pretrained files as it is needed."""
     recipe = run.recipe
-    run.optimizer = None  # free the full-rank optimizer state before quantizing
+    run.optimizer = run.ddp = None  # free the full-rank optimizer state (and DDP's gradient buckets) before quantizing
     keep_master = recipe.keeps_master
     on_disk = keep_master and recipe.relora.master == "disk"
     if on_disk and run.run_dir is None:
@@ -138,7 +146,7 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     fill = None if source is None else lambda name, linear: source.fill(name, linear, run.device, dtype)
     wrap_model(run.model, recipe.lora, keep_master=keep_master, dtype=dtype, device=run.device,
                generator=run.generator, master_store=DiskMasters(run.run_dir / MASTER_DIR) if on_disk else None,
-               materialize=fill)
+               materialize=fill, owned=run.ranks.owned(target_modules(run.model, recipe.lora.targets)))
     if source is not None:
         fill_remaining(run.model, source, run.device, dtype)
     run.model.to(run.device)
@@ -146,13 +154,17 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     if recipe.model.gradient_checkpointing and not recipe.lora.train_embeddings:
         run.model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     run.optimizer = build_optimizer(run.model, recipe.optim, run.device)
+    run.ddp = run.ranks.wrap(run.model)
 
 
 def restart(run: Run) -> dict:
     """Merge every layer's factors into its base, re-init them, partly reset their optimizer state.
     Returns the restart record: merge time and the cumulative retention of all merges so far (see RetentionProbe)."""
     start = time.perf_counter()
-    merge_all(run.model, run.generator)
+    if run.ranks.several:
+        run.ranks.merge(relora_layers(run.model), run.generator)
+    else:
+        merge_all(run.model, run.generator)
     for store in {id(s): s for s in disk_stores(run.model)}.values():
         store.collect()  # the previous generation now lives on only in the checkpoints that link it
     relora = run.recipe.relora
@@ -162,8 +174,11 @@ def restart(run: Run) -> dict:
         torch.cuda.synchronize()
     terms = [layer.base.probe.terms() for layer in relora_layers(run.model)]
     retention = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
-    return {"step": run.state.step, "restart": run.state.restarts, "merge_seconds": time.perf_counter() - start,
-            "retention": retention}
+    record = {"step": run.state.step, "restart": run.state.restarts, "merge_seconds": time.perf_counter() - start,
+              "retention": retention}
+    if run.ranks.several and run.recipe.relora.check_ranks:
+        record["bases_sha256"] = run.ranks.check_identical(relora_layers(run.model))
+    return record
 
 
 def disk_stores(model: nn.Module) -> list[DiskMasters]:
@@ -175,17 +190,22 @@ def train_step(run: Run) -> float:
     recipe, state = run.recipe, run.state
     run.model.train()
     total = torch.zeros((), device=run.device)
-    for _ in range(recipe.train.grad_accum_steps):
-        ids, state.data = run.loader.get(state.micro_batches)
+    ranks, model = run.ranks, run.ddp or run.model
+    for micro in range(recipe.train.grad_accum_steps):
+        ids, state.data = run.loader.get(state.micro_batches + ranks.rank)  # rank r of N: r, r + N, ...
         ids = ids.to(run.device, non_blocking=True)
-        with autocast_context(recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
-        # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
-        (loss / recipe.train.grad_accum_steps).backward()
+        # DDP averages the gradients over the ranks once, in the step's last backward.
+        last = run.ddp is None or micro == recipe.train.grad_accum_steps - 1
+        with nullcontext() if last else run.ddp.no_sync():
+            with autocast_context(recipe, run.device):
+                loss = model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+            # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
+            (loss / recipe.train.grad_accum_steps).backward()
         total += loss.detach()
-        state.micro_batches += 1
-        state.tokens += ids.numel()
-    loss = total.item() / recipe.train.grad_accum_steps
+        state.micro_batches += ranks.size
+        state.tokens += ids.numel() * ranks.size
+    # Every rank reports, and decides a skip on, the mean over all ranks' tokens.
+    loss = ranks.total(total).item() / (recipe.train.grad_accum_steps * ranks.size)
     params = optimizer_params(run.optimizer)
     # The norm is taken even without clipping (an infinite max_norm scales by exactly 1): a finite loss can still
     # give an inf gradient, and one such update would leave NaN weights behind.
@@ -212,13 +232,17 @@ def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
 def evaluate(run: Run) -> float:
     """Mean loss over the fixed eval blocks."""
     run.model.eval()
-    losses = []
-    for ids in run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches):
+    losses, ranks = [], run.ranks
+    batches = run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches)
+    for ids in batches[ranks.rank::ranks.size]:  # each rank a share of the fixed eval batches
         ids = ids.to(run.device)
         with autocast_context(run.recipe, run.device):
             loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
             losses.append(loss.float().item())
     run.model.train()
+    if ranks.several:
+        total, count = ranks.sum(sum(losses), len(losses))
+        return total / count
     return sum(losses) / len(losses)
 
 
@@ -242,15 +266,18 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                           f"rate schedule ends; to train longer raise it: --set train.max_steps={end}")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    ranks = join()
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
-    found = _check_resume(recipe, run_dir, resume, force) if resume is not None else None
+    found = _check_resume(recipe, run_dir, resume, force, ranks.size) if resume is not None else None
     check_sinks(recipe.log)  # a missing optional library is bad input: refused before the costly setup
     # A resumed run's weights come from the checkpoint. A pretrained model still in its directory is streamed from
     # there (host RAM: one layer); one that moved, or a hub name, is built from the checkpoint's config instead.
     rebuild = found and recipe.model.pretrained and not streamable(recipe.model.pretrained)
-    run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if rebuild else None)
-    if found is not None:  # records of steps the resumed run redoes (it was killed past the checkpoint) go
+    run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if rebuild else None, ranks)
+    if found is not None and ranks.is_main:  # records of steps the resumed run redoes (killed past the checkpoint) go
         drop_records_after(run_dir / "metrics.jsonl", checkpoint.read_state(found[0])["train_state"]["step"])
+    if not ranks.is_main:  # logging, progress and metrics come from rank 0
+        reporter = Reporter(Path(os.devnull), end, console=Console(file=io.StringIO()), live=False)
     reporter = reporter or Reporter(run_dir / "metrics.jsonl", end,
                                     sinks=open_sinks(recipe.log, run_dir, recipe.to_dict()))
     reporter.line(f"run dir: {run_dir}")
@@ -270,7 +297,8 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
         elif schedule.is_restart(state.step):
-            merges.save(run.model, run_dir, state.step)  # what report --spectrum sums, whatever checkpoints remain
+            if ranks.is_main:  # what report --spectrum sums, whatever checkpoints remain
+                merges.save(run.model, run_dir, state.step)
             reporter.restart(restart(run))
         lr = recipe.optim.lr * schedule(state.step)
         set_lr(run.optimizer, lr)
@@ -295,6 +323,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             reporter.step({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
                            "tokens_per_s": speed, "restarts": state.restarts, "data_wait_s": wait},
                           schedule.steps_to_restart(state.step))
+        stop.signal = ranks.agree(stop.signal)  # a signal to any rank stops them all after this same step
         if stop.signal:
             break
         if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < end:
@@ -332,11 +361,17 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     return summary
 
 
-def _check_resume(recipe: Recipe, run_dir: Path, resume: str | Path, force: bool) -> tuple[Path, list[str]]:
+def _check_resume(recipe: Recipe, run_dir: Path, resume: str | Path, force: bool,
+                  ranks: int = 1) -> tuple[Path, list[str]]:
     """The checkpoint to resume from and the lines to report; CheckpointError if it is missing or damaged, or if
-    the recipe changes fields that alter the run and `force` is off."""
+    the recipe changes fields that alter the run (or `ranks` differs from the checkpoint's) and `force` is off."""
     path, problems = checkpoint.resolve(resume, run_dir)
     lines = [f"skipped damaged checkpoint: {problem}" for problem in problems]
+    saved = checkpoint.read_state(path).get("ranks", 1)
+    if reason := resume_refusal(saved, ranks, recipe):
+        if not force:
+            raise checkpoint.CheckpointError(f"{path}: {reason}")
+        lines.append(f"resuming with {ranks} process(es) instead of the checkpoint's {saved} (forced)")
     refused, allowed = checkpoint.saved_recipe(path).changes(recipe)
     if refused and not force:
         raise checkpoint.CheckpointError(

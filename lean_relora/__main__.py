@@ -1,0 +1,5 @@
+"""`python -m lean_relora`: the command line (cli.py), also how torchrun starts each rank."""
+
+from lean_relora.cli import main
+
+main()

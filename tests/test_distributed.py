@@ -1,0 +1,225 @@
+"""Data parallelism on 2 real CPU processes (gloo): the sharded masters and their merge in processes spawned here,
+and whole runs started through `lean-relora train --nproc 2` (torchrun), compared with one process."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from lean_relora import distributed
+from lean_relora.checkpoint import CHECKPOINTS
+from lean_relora.model import build_model
+from lean_relora.recipe import LoraConfig, ModelConfig
+from lean_relora.relora import merge_all, relora_layers, target_modules, wrap_model
+from test_cli import TINY, invoke
+
+# The tiny CLI recipe, long enough for 6 restarts (at steps 6, 10, ..., 26) and a checkpoint after each.
+RECIPE = TINY.replace("restart_every = 3", "restart_every = 4\nwarm_start_steps = 2\ncheck_ranks = true").replace(
+    "max_steps = 7", "max_steps = 30").replace("every = 3\nbatches = 2", "every = 0\nbatches = 2") + \
+    "[checkpoint]\nevery = 4\nkeep_last = 10\n"
+LIMIT = 110  # seconds a launch may take: each test stays under 2 minutes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------- spawned ranks
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                   max_position_embeddings=64, dtype="fp32"), vocab_size=128, seq_len=32)
+
+
+def _wrapped(cfg: LoraConfig, ranks: distributed.Ranks):
+    model = _tiny_model()
+    owned = ranks.owned(target_modules(model, cfg.targets))
+    wrap_model(model, cfg, keep_master=True, dtype=torch.float32, generator=torch.Generator().manual_seed(1),
+               owned=owned)
+    for index, layer in enumerate(relora_layers(model)):  # a non-zero update, the same on every rank
+        g = torch.Generator().manual_seed(100 + index)
+        layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=g) * 0.05
+        layer.lora_A.data = torch.randn(layer.lora_A.shape, generator=g) * 0.05
+    return model
+
+
+def _sharded_rank(rank: int, port: int, quant: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = distributed.join()
+    try:
+        cfg = LoraConfig(rank=4, quant=quant)
+        solo, sharded = _wrapped(cfg, distributed.SOLO), _wrapped(cfg, ranks)
+        solo_layers, layers = relora_layers(solo), relora_layers(sharded)
+        # (c) this rank holds the masters of its own layers and no others: bytes counted
+        total = sum(layer.base.master.tensor.nbytes for layer in solo_layers)
+        mine = sum(layer.base.master.tensor.nbytes for layer in layers if layer.base.master is not None)
+        shares = ranks.gather(mine)
+        largest = max(layer.base.master.tensor.nbytes for layer in solo_layers)
+        assert sum(shares) == total and all(0 < share <= total / 2 + largest for share in shares), (shares, total)
+        owners = ranks.owners([layer.base.in_features * layer.base.out_features for layer in layers])
+        assert [layer.base.master is not None for layer in layers] == [o == rank for o in owners]
+        assert ranks.gather(owners)[0] == owners  # every rank computes the same assignment
+        # (b) the sharded merge leaves the stored base bit-identical to one process's merge, on every rank
+        merge_all(solo, torch.Generator().manual_seed(5))
+        ranks.merge(layers, torch.Generator().manual_seed(5))
+        for one, this in zip(solo_layers, layers):
+            stored = list(zip(one.base.stored_tensors(), this.base.stored_tensors()))
+            assert stored and all(torch.equal(a, b) for a, b in stored)
+            assert torch.equal(one.lora_A, this.lora_A) and not this.lora_B.any()  # same re-draw, fresh cycle
+            if this.base.master is not None:
+                assert torch.equal(one.base.master.tensor, this.base.master.tensor)
+            assert torch.equal(one.base.probe.now, this.base.probe.now)
+        digest = ranks.check_identical(layers)
+        assert ranks.gather(digest) == [digest, digest]
+        if rank == 1:  # one flipped code is caught, on every rank
+            layers[3].base.stored_tensors()[0].view(-1)[0] += 1
+        with pytest_raises(RuntimeError, "ReLoRA layer 3: rank"):
+            ranks.check_identical(layers)
+    finally:
+        distributed.leave()
+
+
+class pytest_raises:  # pytest.raises, usable where pytest's own plugins are not loaded (a spawned process)
+    def __init__(self, kind, text):
+        self.kind, self.text = kind, text
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        assert kind is not None and issubclass(kind, self.kind) and self.text in str(error), (kind, error)
+        return True
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_each_rank_keeps_only_its_masters_and_the_sharded_merge_equals_one_process(quant):
+    mp.spawn(_sharded_rank, args=(free_port(), quant), nprocs=2, join=True)
+
+
+def test_owners_balance_bytes_greedily_and_deterministically():
+    ranks = distributed.Ranks(0, 3)
+    # largest first, each to the least-loaded rank (ties: the lower): 40 | 10, 10 | 10, 5, 5
+    assert ranks.owners([10, 10, 10, 40, 5, 5]) == [1, 2, 1, 0, 2, 2]
+    assert distributed.Ranks(1, 3).owners([10, 10, 10, 40, 5, 5]) == [1, 2, 1, 0, 2, 2]  # the same on every rank
+    assert distributed.SOLO.owners([3, 2, 1]) == [0, 0, 0] and distributed.SOLO.owned([]) is None
+
+
+# ----------------------------------------------------------------------------------------------- whole runs
+
+
+def launch(recipe: Path, run_dir: Path, *args, nproc: int = 2, wait: bool = True):
+    command = [sys.executable, "-m", "lean_relora", "train", str(recipe), "--run-dir", str(run_dir),
+               "--nproc", str(nproc), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=LIMIT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in records(run_dir) if "loss" in r]
+
+
+def stored_bases(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The stored base of every layer: packed 4-bit codes and their quant state."""
+    model, bases = load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "base.safetensors")
+    return {**{k: v for k, v in model.items() if k.endswith(".packed")},
+            **{k: v for k, v in bases.items() if ".quant_state." in k}}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The recipe on 2 ranks of micro-batch 4 (checked across ranks at every restart)."""
+    root = tmp_path_factory.mktemp("ranks")
+    (root / "tiny.toml").write_text(RECIPE)
+    launch(root / "tiny.toml", root / "two")
+    return root
+
+
+def test_two_ranks_of_micro_batch_4_give_the_losses_of_one_process_of_8_across_restarts(two_ranks, tmp_path):
+    one, two = tmp_path / "one", two_ranks / "two"
+    launch(two_ranks / "tiny.toml", one, "--set", "train.micro_batch_size=8", nproc=1)
+    assert [s for s, _ in losses(two)] == list(range(1, 31)) == [s for s, _ in losses(one)]
+    assert [r["tokens"] for r in records(two) if "loss" in r] == [r["tokens"] for r in records(one) if "loss" in r]
+    restarts = [r["step"] for r in records(two) if "restart" in r]
+    assert restarts == [r["step"] for r in records(one) if "restart" in r] == [6, 10, 14, 18, 22, 26]
+    # A batch of 8 split in two sums its gradients in another order: float rounding, which 30 steps of training
+    # on a 4-bit base and 8-bit moments grow to about 1e-4 (measured: 1.05e-4 at step 30, 1.5e-6 up to step 12).
+    assert [loss for _, loss in losses(two)] == pytest.approx([loss for _, loss in losses(one)], rel=3e-4, abs=0)
+    assert [loss for _, loss in losses(two)][:12] == pytest.approx([loss for _, loss in losses(one)][:12], rel=1e-5,
+                                                                   abs=0)
+    assert losses(two)[-1][1] < losses(two)[0][1] - 0.5  # it trained
+
+
+def test_two_ranks_equal_one_process_accumulating_their_micro_batches_bit_for_bit(two_ranks, tmp_path):
+    """1 x micro-batch 4 x 2 accumulated computes each rank's micro-batch as it is, and halving a gradient is exact,
+    so the sum DDP averages is the one accumulation makes: same losses, same stored bases after every restart."""
+    one, two = tmp_path / "one", two_ranks / "two"
+    launch(two_ranks / "tiny.toml", one, "--set", "train.grad_accum_steps=2", nproc=1)
+    assert losses(two) == losses(one) and len(losses(two)) == 30
+    # (b) the ranks compared their stored bases at every restart (a difference stops the run), and they are the
+    # single process's, code for code, after each of the 6 restarts
+    assert sum(len(r.get("bases_sha256", "")) == 64 for r in records(two) if "restart" in r) == 6
+    for step in (8, 12, 16, 20, 24, 28):
+        name = f"step-{step:08d}"
+        mine, theirs = stored_bases(two / CHECKPOINTS / name), stored_bases(one / CHECKPOINTS / name)
+        assert mine.keys() == theirs.keys() and len(mine) > 14
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), (step, key)
+
+
+def test_a_checkpoint_holds_every_master_written_by_its_owner_and_refuses_another_rank_count(two_ranks, tmp_path):
+    checkpoint = two_ranks / "two" / CHECKPOINTS / "step-00000030"
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    masters = sorted(f for f in meta["files"] if f.startswith("masters/"))
+    assert len(masters) == 14 and all((checkpoint / f).stat().st_size == meta["files"][f]["bytes"] for f in masters)
+    assert "master" not in "".join(load_file(checkpoint / "base.safetensors"))  # not replicated by rank 0
+    run = Path(shutil.copytree(two_ranks / "two", tmp_path / "run"))
+    code, output = invoke("train", "--run-dir", run, "--resume", str(run / CHECKPOINTS / "step-00000020"))
+    assert code == 2 and output.count("\n") == 1, output
+    assert "trained by 2 process(es), resumed by 1" in output and "--nproc 2" in output
+    # forced, one process takes every master back (the layer files fit any rank count) and finishes the run
+    code, output = invoke("train", "--run-dir", run, "--resume", str(run / CHECKPOINTS / "step-00000020"), "--force")
+    assert code == 0, output
+    assert "resuming with 1 process(es) instead of the checkpoint's 2 (forced)" in output
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_resume_reproduces_the_run(two_ranks, tmp_path):
+    stopped = tmp_path / "stopped"
+    process = launch(two_ranks / "tiny.toml", stopped, "--set", "checkpoint.every=0", wait=False)
+    deadline = time.monotonic() + LIMIT
+    while time.monotonic() < deadline and process.poll() is None:
+        if (stopped / "metrics.jsonl").exists() and len(losses(stopped)) >= 3:
+            process.send_signal(signal.SIGTERM)  # the launcher is torchrun itself (exec)
+            break
+        time.sleep(0.01)
+    _, stderr = process.communicate(timeout=LIMIT)
+    k = len(losses(stopped))
+    assert 3 <= k < 30, stderr[-3000:]
+    assert stderr.count(f"SIGTERM: stopped after step {k} of 30") == 1, stderr[-3000:]  # rank 0 alone reports
+    checkpoints = [p.name for p in (stopped / CHECKPOINTS).iterdir() if p.name.startswith("step-")]
+    assert checkpoints == [f"step-{k:08d}"]  # saved once, by the job, after the same step on both ranks
+    launch(two_ranks / "tiny.toml", stopped, "--resume", "auto", "--set", "checkpoint.every=0")
+    assert losses(stopped) == losses(two_ranks / "two")  # exactly
