@@ -117,7 +117,7 @@ def train(
                 raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
                                 "or continue it with --resume auto")
         if not force:
-            _refuse_if_it_does_not_fit(loaded, found if resume is not None else None)
+            _refuse_if_it_does_not_fit(loaded, found if resume is not None else None, max(nproc, ranks.size))
         if nproc > 1:  # checked here, before torchrun starts, so that bad input is one line rather than N
             saved = read_state(found).get("ranks", 1) if resume is not None else nproc
             if reason := distributed.refusal(loaded) or (not force and distributed.resume_refusal(saved, nproc,
@@ -135,11 +135,13 @@ def train(
         raise typer.Exit(STOPPED)
 
 
-def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None) -> None:
+def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None, nproc: int = 1) -> None:
     """Estimate the peak first and refuse a recipe that would not fit the available host RAM or, on a CUDA device,
     the free GPU memory. Resuming, a pretrained model that is no longer a local directory is estimated from the
-    checkpoint's config (a moved model directory or an offline hub must not stop a resume)."""
+    checkpoint's config (a moved model directory or an offline hub must not stop a resume). `nproc`: the job's ranks,
+    of which those on this host share its RAM."""
     import dataclasses
+    import os
 
     import torch
 
@@ -154,12 +156,13 @@ def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None) -> Non
     except VocabUnknown:
         logging.getLogger(__name__).info("memory check skipped: set model.vocab_size to have train check the fit")
         return
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))  # under torchrun, the ranks of this node
     available = available_bytes()
-    reason = host_refusal(recipe, available) if available is not None else None
+    reason = host_refusal(recipe, available, ranks_here) if available is not None else None
     device = resolve_device(recipe.train.device)
     if reason is None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        reason = refusal(recipe, free)
+        reason = refusal(recipe, free, nproc)
     if reason:
         raise UserError(reason)
 
@@ -170,6 +173,8 @@ def memory_estimate(
     set_: SetOpt = None,
     gpu_gb: Annotated[float, typer.Option("--gpu-gb", help="GPU memory to check the recipe against, in GiB.")] = 24.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON instead of tables.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Ranks (train --nproc, one per GPU): GPU figures per GPU, "
+                                       "host RAM per rank and per host.")] = 1,
 ):
     """Predict the peak GPU memory of a recipe (analytic and traced on fake tensors) and whether it fits."""
     console = _setup_logging()
@@ -179,8 +184,10 @@ def memory_estimate(
 
         if gpu_gb <= 0:
             raise UserError(f"--gpu-gb {gpu_gb:g}: must be > 0")
+        if nproc < 1:
+            raise UserError(f"--nproc {nproc}: must be >= 1")
         loaded = load_recipe(recipe, list(set_ or []))
-        result = estimate(loaded, gpu_gb)
+        result = estimate(loaded, gpu_gb, nproc=nproc)
     if as_json:
         import dataclasses
         import json

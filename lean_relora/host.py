@@ -42,6 +42,11 @@ class HostRam:
     setup: int  # beyond process and masters, at the worst moment of loading
     training: int  # beyond process and masters, during a step
     merge: int  # beyond process and masters, during a restart
+    masters_total: int = -1  # masters of all ranks together (distributed.py: each on one rank); -1: `masters`
+
+    def __post_init__(self):
+        if self.masters_total < 0:
+            self.masters_total = self.masters
 
     @property
     def peak(self) -> int:
@@ -81,6 +86,13 @@ def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device
     training = step + (CPU_8BIT_STEP_BYTES * stepped_at_once if cpu_8bit else 0) if on_cpu else 0
     merge = 2 * 4 * largest * on_disk + (device_resident if on_cpu else 0)
     return HostRam(PROCESS_BYTES, masters, setup, training, merge)
+
+
+def on_one_host(host: HostRam, nproc: int) -> int:
+    """Peak host RAM of `nproc` ranks on one host (`host`: one rank's, its share of the masters included): each
+    rank is a process with its own transients, in lockstep, so their peaks coincide; the masters are there once,
+    split among them."""
+    return nproc * (host.peak - host.masters) + host.masters_total
 
 
 def release_freed_memory() -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from lean_relora.host import HostRam, host_ram
+from lean_relora.distributed import Ranks
+from lean_relora.host import HostRam, host_ram, on_one_host
 from lean_relora.model import architecture, build_model, pretrained_config, sizes
 from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.relora import target_modules
@@ -143,22 +144,25 @@ class PhaseEstimate:
     name: str
     components: dict[str, int]  # analytic, bytes
     traced: Trace
+    ddp_buckets: int = 0  # with several ranks: DistributedDataParallel's copy of the gradients it averages, bytes
 
     @property
     def analytic_peak(self) -> int:
-        return sum(self.components.values())
+        return sum(self.components.values()) + self.ddp_buckets
 
     @property
     def need(self) -> float:
-        return gpu_need(self.traced.peak)
+        return gpu_need(self.traced.peak + self.ddp_buckets)
 
 
 @dataclass
 class Estimate:
     phases: list[PhaseEstimate]  # those the recipe runs, then the full-rank bf16 AdamW baseline
-    host: HostRam  # bytes of host RAM by phase
+    host: HostRam  # bytes of host RAM by phase, of one rank
     gpu_bytes: float
     largest_micro_batch: int  # ReLoRA phase, 0 = not even 1 fits
+    nproc: int = 1  # ranks (one per GPU); GPU figures are per GPU
+    host_per_host: int = 0  # bytes of host RAM at the peak of all nproc ranks on one host
 
     @property
     def need(self) -> float:
@@ -181,30 +185,35 @@ def recipe_vocab_size(recipe: Recipe) -> int:
                       "loading it; set model.vocab_size (e.g. --set model.vocab_size=32000)")
 
 
-def estimate(recipe: Recipe, gpu_gb: float = 24.0, baseline: bool = True) -> Estimate:
-    """Every phase the recipe runs, and (with `baseline`) a full-rank bf16 AdamW run of the same model. A pretrained
-    model is estimated from its config alone: no weight is read."""
+def estimate(recipe: Recipe, gpu_gb: float = 24.0, baseline: bool = True, nproc: int = 1) -> Estimate:
+    """Every phase the recipe runs, and (with `baseline`) a full-rank bf16 AdamW run of the same model, per GPU of
+    `nproc` ranks. A pretrained model is estimated from its config alone: no weight is read."""
     recipe = with_model_sizes(recipe)
     vocab = recipe_vocab_size(recipe)
-    phases = [PhaseEstimate("ReLoRA", analytic(recipe, vocab), trace(recipe, vocab))]
+
+    def phase(name: str, kind: str, of: Recipe = recipe) -> PhaseEstimate:
+        components = analytic(of, vocab, kind)
+        return PhaseEstimate(name, components, trace(of, vocab, kind),
+                             components["trainable weights"] if nproc > 1 else 0)
+
+    phases = [phase("ReLoRA", "relora")]
     if recipe.relora.warm_start_steps:
-        phases.append(PhaseEstimate("full-rank warm start", analytic(recipe, vocab, "full"),
-                                    trace(recipe, vocab, "full")))
+        phases.append(phase("full-rank warm start", "full"))
     if baseline:
         dense = replace(recipe, optim=replace(recipe.optim, name="adamw"), model=replace(recipe.model, dtype="bf16"))
-        phases.append(PhaseEstimate("baseline: full-rank bf16 AdamW", analytic(dense, vocab, "full"),
-                                    trace(dense, vocab, "full")))
-    host = host_estimate(recipe, vocab)
+        phases.append(phase("baseline: full-rank bf16 AdamW", "full", dense))
+    host = host_estimate(recipe, vocab, nproc)
     run_phases = [(p, "relora" if p.name == "ReLoRA" else "full") for p in phases if not p.name.startswith("base")]
-    fit = min(largest_micro_batch(recipe, vocab, p, kind, gpu_gb * GIB) for p, kind in run_phases)
-    return Estimate(phases, host, gpu_gb * GIB, fit)
+    fit = min(largest_micro_batch(recipe, vocab, p, kind, gpu_gb * GIB - p.ddp_buckets) for p, kind in run_phases)
+    return Estimate(phases, host, gpu_gb * GIB, fit, nproc, on_one_host(host, nproc))
 
 
 RESIDENT = ("frozen base (stored)", "frozen full-rank weights", "trainable weights", "optimizer state")
 
 
-def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
-    """Host RAM by phase (host.py), from the analytic model alone: quick enough for train's pre-start check."""
+def host_estimate(recipe: Recipe, vocab: int, nproc: int = 1) -> HostRam:
+    """Host RAM by phase (host.py) of one of `nproc` ranks, from the analytic model alone: quick enough for train's
+    pre-start check. A rank keeps the masters distributed.py assigns it: the largest share counts."""
     shapes, m = target_shapes(recipe, vocab), recipe.model
     others = (2 * m.num_layers + 1 + vocab * (1 if m.tie_embeddings else 2)) * m.hidden_size
     relora = analytic(recipe, vocab)
@@ -214,18 +223,25 @@ def host_estimate(recipe: Recipe, vocab: int) -> HostRam:
     largest = max(max(o * i for o, i in shapes) if recipe.relora.warm_start_steps else 0,
                   embedding if recipe.lora.train_embeddings or recipe.lora.train_lm_head else 0,
                   max(recipe.lora.rank * max(o, i) for o, i in shapes))
-    return host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), largest,
+    host = host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), largest,
                     relora["trainable weights"])
+    if nproc > 1 and host.masters:
+        owners = Ranks(0, nproc).owners([o * i for o, i in shapes])
+        share = max(sum(4 * o * i for (o, i), rank in zip(shapes, owners) if rank == r) for r in range(nproc))
+        host = replace(host, masters=share, masters_total=host.masters)
+    return host
 
 
-def host_refusal(recipe: Recipe, available: int) -> str | None:
-    """Why `train` should not start with `available` bytes of host RAM, or None when the recipe fits."""
+def host_refusal(recipe: Recipe, available: int, nproc: int = 1) -> str | None:
+    """Why `train` should not start with `available` bytes of host RAM (shared by `nproc` ranks), or None when the
+    recipe fits."""
     recipe = with_model_sizes(recipe)
-    host = host_estimate(recipe, recipe_vocab_size(recipe))
-    if host.peak <= available:
+    host = host_estimate(recipe, recipe_vocab_size(recipe), nproc)
+    need = on_one_host(host, nproc)
+    if need <= available:
         return None
-    advice = 'set relora.master = "disk", ' if host.masters else ""
-    return (f"the recipe needs about {host.peak / GIB:.1f} GiB of host RAM at its peak, {available / GIB:.1f} GiB "
+    advice = 'set relora.master = "disk", ' if host.masters_total else ""
+    return (f"the recipe needs about {need / GIB:.1f} GiB of host RAM at its peak, {available / GIB:.1f} GiB "
             f"are available (lean-relora memory-estimate shows the breakdown); {advice}free memory, or pass --force "
             "to start anyway")
 
@@ -245,13 +261,16 @@ def render(estimate: Estimate, recipe: Recipe):
     from rich.table import Table
 
     gib = lambda n: f"{n / GIB:,.2f}"  # noqa: E731
+    ranks = f", each of {estimate.nproc} GPUs (ranks)" if estimate.nproc > 1 else ""
     table = Table(title=f"Peak GPU memory (GiB), micro-batch {recipe.train.micro_batch_size} x "
-                        f"{recipe.data.seq_len} tokens", title_justify="left")
+                        f"{recipe.data.seq_len} tokens{ranks}", title_justify="left")
     table.add_column("component")
     for phase in estimate.phases:
         table.add_column(phase.name, justify="right")
     for key in estimate.phases[0].components:
         table.add_row(key, *(gib(p.components.get(key, 0)) for p in estimate.phases))
+    if estimate.nproc > 1:
+        table.add_row("DDP gradient buckets", *(gib(p.ddp_buckets) for p in estimate.phases))
     table.add_section()
     table.add_row("analytic peak", *(gib(p.analytic_peak) for p in estimate.phases))
     table.add_row("traced peak (fake-tensor step)", *(gib(p.traced.peak) for p in estimate.phases))
@@ -260,11 +279,14 @@ def render(estimate: Estimate, recipe: Recipe):
     table.add_row("CUDA context (typical)", *(gib(CUDA_CONTEXT_BYTES) for _ in estimate.phases))
     table.add_row("[bold]GPU need", *(f"[bold]{gib(p.need)}" for p in estimate.phases))
     where = "the CPU it trains on" if recipe.train.device == "cpu" else "beside the GPU"
-    host = Table(title=f"Host RAM, {where} (GiB; masters: {recipe.relora.master})", title_justify="left")
+    per_rank = f", one of {estimate.nproc} ranks: its share of the masters" if estimate.nproc > 1 else ""
+    host = Table(title=f"Host RAM, {where} (GiB; masters: {recipe.relora.master}{per_rank})", title_justify="left")
     host.add_column("what")
     host.add_column("GiB", justify="right")
     for key, value in estimate.host.rows().items():
         host.add_row(f"[bold]{key}" if key == "peak" else key, gib(value))
+    if estimate.nproc > 1:
+        host.add_row(f"[bold]peak of the host ({estimate.nproc} ranks on it)", gib(estimate.host_per_host))
     return table, host, verdict(estimate, recipe)
 
 
@@ -279,9 +301,9 @@ def verdict(estimate: Estimate, recipe: Recipe) -> str:
     return f"does not fit: needs {need:.1f} GiB, the GPU has {have:g} GiB; {advice}"
 
 
-def refusal(recipe: Recipe, free_bytes: float) -> str | None:
-    """Why `train` should not start on a GPU with `free_bytes` free, or None when the recipe fits."""
-    result = estimate(recipe, free_bytes / GIB, baseline=False)
+def refusal(recipe: Recipe, free_bytes: float, nproc: int = 1) -> str | None:
+    """Why `train` should not start on a GPU with `free_bytes` free (each of `nproc`), or None when it fits."""
+    result = estimate(recipe, free_bytes / GIB, baseline=False, nproc=nproc)
     if result.need <= free_bytes:
         return None
     return (f"the recipe needs about {result.need / GIB:.1f} GiB of GPU memory, {free_bytes / GIB:.1f} GiB are free "

@@ -223,3 +223,21 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_resume_repr
     assert checkpoints == [f"step-{k:08d}"]  # saved once, by the job, after the same step on both ranks
     launch(two_ranks / "tiny.toml", stopped, "--resume", "auto", "--set", "checkpoint.every=0")
     assert losses(stopped) == losses(two_ranks / "two")  # exactly
+
+
+def test_memory_estimate_per_gpu_and_per_host_for_several_ranks():
+    from lean_relora.memory import GIB, estimate
+    from lean_relora.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "7b_12gb.toml")
+    one, four = estimate(recipe, baseline=False), estimate(recipe, baseline=False, nproc=4)
+    trainable = one.phases[0].components["trainable weights"]
+    assert four.phases[0].ddp_buckets == trainable > 0 and one.phases[0].ddp_buckets == 0
+    assert four.need == pytest.approx(one.need + 1.1 * trainable)  # DDP's gradient copy, allocator reserve on top
+    masters = one.host.masters  # 7B: 4 bytes per base weight, all on one rank
+    assert masters > 20 * GIB and four.host.masters_total == masters
+    assert masters / 4 <= four.host.masters < masters / 4 + 0.3 * GIB  # the largest share, a layer at most above
+    assert four.host.peak - four.host.masters == one.host.peak - masters  # what is not masters, each rank has
+    assert four.host_per_host == 4 * (four.host.peak - four.host.masters) + masters
+    code, output = invoke("memory-estimate", Path(__file__).parent.parent / "recipes" / "7b_12gb.toml", "--nproc", "4")
+    assert code == 0 and "each of 4 GPUs" in output and "peak of the host (4 ranks on it)" in output, output
