@@ -120,8 +120,7 @@ def train(
             _refuse_if_it_does_not_fit(loaded, found if resume is not None else None, max(nproc, ranks.size))
         if nproc > 1:  # checked here, before torchrun starts, so that bad input is one line rather than N
             saved = read_state(found).get("ranks", 1) if resume is not None else nproc
-            if reason := distributed.refusal(loaded) or (not force and distributed.resume_refusal(saved, nproc,
-                                                                                                loaded)):
+            if not force and (reason := distributed.resume_refusal(saved, nproc, loaded)):
                 raise UserError(reason)
             distributed.launch(nproc, recipe, overrides, run_dir, max_steps, resume, force)
         directory = RunDir(run_dir)

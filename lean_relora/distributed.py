@@ -172,15 +172,6 @@ class Ranks:
 SOLO = Ranks()
 
 
-def refusal(recipe: Recipe) -> str | None:
-    """Why the recipe cannot run on several ranks, as one line; None if it can."""
-    if recipe.data.source.startswith("hub:"):
-        # A stream is read in order: rank r would replay every other rank's micro-batches to reach its own.
-        return (f"data.source = {recipe.data.source!r}: a hub stream cannot be split across ranks; tokenize it once "
-                "with `lean-relora prepare` and train on --set data.source=prepared:DIR")
-    return None
-
-
 def resume_refusal(saved: int, ranks: int, recipe: Recipe) -> str | None:
     """Why a checkpoint that `saved` ranks wrote should not be continued by `ranks` (the global batch would change),
     or None. The state itself fits any count: the masters are one file per layer, whoever owns it now."""

@@ -1,7 +1,7 @@
 """Micro-batches made ahead of the step, so that the step does not wait on data.
 
-A background thread asks the data for micro-batch index, index + stride, ... (stride 1, or the number of ranks: each
-takes every N-th micro-batch) and queues each with the data position after
+A background thread asks the data for micro-batch index, index + stride, ... (stride 1, or the number of ranks: rank
+r of N takes micro-batches r, r + N, ...) and queues each with the data position after
 it (`data.state_dict()`), pinned on CUDA so the copy to the GPU can overlap compute. Batches are a function of their
 index (and, for a stream, of the position it was loaded at), so reading ahead changes nothing the step computes.
 Tokenizing (a stream) and reading from the page cache (prepared files) release the GIL, so the thread runs
@@ -22,8 +22,10 @@ POLL = 0.1  # seconds between a blocked producer's looks at the stop flag
 
 
 class BatchLoader:
-    def __init__(self, data, batch_size: int, pin_memory: bool = False, depth: int = DEPTH, stride: int = 1):
-        self.data, self.batch_size, self.pin_memory, self.depth, self.stride = data, batch_size, pin_memory, depth, stride
+    def __init__(self, data, batch_size: int, pin_memory: bool = False, depth: int = DEPTH, stride: int = 1,
+                 offset: int = 0):
+        self.data, self.batch_size, self.pin_memory, self.depth = data, batch_size, pin_memory, depth
+        self.stride, self.offset = stride, offset  # this rank's micro-batches: offset, offset + stride, ...
         self.wait_seconds = 0.0
         self._thread: threading.Thread | None = None
         self._next = 0
@@ -48,7 +50,7 @@ class BatchLoader:
         # is collected, and its finalizer stops the thread.
         self._thread = threading.Thread(target=_produce, name="lean-relora-batches", daemon=True,
                                         args=(self.data, self.batch_size, self.pin_memory, index, self.stride,
-                                              self._queue, self._stop))
+                                              self.offset, self._queue, self._stop))
         self._thread.start()
         weakref.finalize(self, self._stop.set)
 
@@ -61,11 +63,17 @@ class BatchLoader:
         self._thread = None
 
 
-def _produce(data, batch_size: int, pin_memory: bool, index: int, stride: int, out: queue.Queue,
+def _produce(data, batch_size: int, pin_memory: bool, index: int, stride: int, offset: int, out: queue.Queue,
              stop: threading.Event) -> None:
+    # A stream (no block count) is read in order: each rank reads every micro-batch of its group of `stride` and
+    # keeps its own, so the position queued with it is the one after the group, the same on every rank.
+    streamed = stride > 1 and data.num_train_blocks is None
     try:
         while not stop.is_set():
-            batch = data.train_batch(index, batch_size)
+            if streamed:
+                batch = [data.train_batch(index - offset + k, batch_size) for k in range(stride)][offset]
+            else:
+                batch = data.train_batch(index, batch_size)
             _put(out, (batch.pin_memory() if pin_memory else batch, data.state_dict()), stop)
             index += stride
     except BaseException as e:  # a DataError mid-stream surfaces in the step that asks for the batch

@@ -51,4 +51,5 @@ class Run:
     def __post_init__(self):
         if self.loader is None:
             self.loader = BatchLoader(self.data, self.recipe.train.micro_batch_size,
-                                      pin_memory=self.device.type == "cuda", stride=self.ranks.size)
+                                      pin_memory=self.device.type == "cuda", stride=self.ranks.size,
+                                      offset=self.ranks.rank)

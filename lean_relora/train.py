@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 
 from lean_relora import checkpoint, merges
 from lean_relora.data import build_data, document_positions
-from lean_relora.distributed import SOLO, Ranks, join, refusal, resume_refusal
+from lean_relora.distributed import SOLO, Ranks, join, resume_refusal
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
@@ -90,8 +90,6 @@ def autocast_context(recipe: Recipe, device: torch.device):
 def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None, ranks: Ranks = SOLO) -> Run:
     """The run's data, model, schedule and optimizer. `config` (a checkpoint's, on resume) builds the model from it
     instead of reading model.pretrained, whose weights the checkpoint holds anyway. `ranks`: the job's processes."""
-    if ranks.several and (reason := refusal(recipe)):
-        raise RecipeError(reason)
     if recipe.model.pretrained and config is None:
         pretrained_config(recipe.model.pretrained)  # a wrong path or hub name fails now, not after reading the corpus
     if recipe.train.threads:

@@ -90,3 +90,35 @@ def test_on_cuda_batches_come_pinned_and_copy_without_blocking():
     torch.cuda.synchronize()
     assert on_gpu.cpu().equal(source.train_batch(0, 3))
     loader.close()
+
+
+class InOrder:
+    """A stream as the loader sees it: no block count, micro-batches served only in order (else it fails)."""
+
+    num_train_blocks = None
+
+    def __init__(self):
+        self.next = 0
+
+    def train_batch(self, index, batch_size):
+        assert index == self.next, f"asked for {index} out of order (next: {self.next})"
+        self.next += 1
+        return torch.full((batch_size, 2), index)
+
+    def state_dict(self):
+        return {"index": self.next}
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_each_rank_gets_every_nth_micro_batch_and_a_stream_position_after_the_whole_group(ranks):
+    source = data()
+    for rank in range(ranks):
+        loader = BatchLoader(source, 3, depth=2, stride=ranks, offset=rank)
+        assert all(loader.get(g * ranks + rank)[0].equal(source.train_batch(g * ranks + rank, 3)) for g in range(5))
+        loader.close()
+        stream = BatchLoader(InOrder(), 3, depth=2, stride=ranks, offset=rank)
+        for group in range(5):
+            batch, state = stream.get(group * ranks + rank)
+            # its own micro-batch, read in order with the others', and the position every rank saves alike
+            assert batch.unique().tolist() == [group * ranks + rank] and state == {"index": (group + 1) * ranks}
+        stream.close()
