@@ -88,8 +88,8 @@ def train(
     """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl.
 
     Exit codes: 0 done, 2 bad input, 1 failed (see the message), 75 stopped by SIGINT/SIGTERM after saving a
-    checkpoint (continue with --resume auto), 130 aborted by a second signal. With --nproc N > 1 the code is
-    torchrun's (0 done, 1 otherwise)."""
+    checkpoint (continue with --resume auto), 130 aborted by a second signal; with --nproc, the first failing
+    rank's code."""
     console = _setup_logging()
     with Outcome(console) as outcome:
         from lean_relora import distributed
@@ -122,7 +122,7 @@ def train(
             saved = read_state(found).get("ranks", 1) if resume is not None else nproc
             if not force and (reason := distributed.resume_refusal(saved, nproc, loaded)):
                 raise UserError(reason)
-            distributed.launch(nproc, recipe, overrides, run_dir, max_steps, resume, force)
+            raise typer.Exit(distributed.launch(nproc, recipe, overrides, run_dir, max_steps, resume, force))
         directory = RunDir(run_dir)
         directory.create()
         outcome.log_dir, outcome.on_bad_input = run_dir, directory.discard

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -30,10 +29,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lean_relora.host import release_freed_memory
+from lean_relora.outcome import STOPPED
 from lean_relora.recipe import Recipe
-from lean_relora.relora import ReLoRALinear
+from lean_relora.relora import ReLoRALinear, merge_all, relora_layers
 
 BACKEND = "cpu:gloo,cuda:nccl"  # CPU tensors (flags, Python objects) over gloo, CUDA tensors over NCCL
+SHUTDOWN_SECONDS = 900  # after a signal, how long torchrun lets the ranks finish their step and save before killing
 TIMEOUT = timedelta(minutes=30)  # a rank waiting this long on the others gives up (a merge of 7B takes minutes)
 
 
@@ -139,9 +140,14 @@ class Ranks:
         return {name for (name, _), rank in zip(named, owners) if rank == self.rank}
 
     @torch.no_grad()
-    def merge(self, layers: list[ReLoRALinear], generator: torch.Generator | None) -> None:
-        """The sharded restart: each rank merges the layers it owns, all of them together; then each layer's stored
-        form comes from its owner; then every rank re-draws the factors in layer order, as merge_all does."""
+    def merge(self, model: nn.Module, generator: torch.Generator | None) -> None:
+        """The restart's merge. One process: merge_all. Several: each rank merges the layers it owns, all ranks at
+        once; then each layer's stored form comes from its owner; then every rank re-draws the factors in layer
+        order, as merge_all does."""
+        if not self.several:
+            merge_all(model, generator)
+            return
+        layers = relora_layers(model)
         owners = self.owners([layer.base.in_features * layer.base.out_features for layer in layers])
         for layer, owner in zip(layers, owners):
             if owner == self.rank:
@@ -210,10 +216,16 @@ def join() -> Ranks:
 
 
 def launch(nproc: int, recipe: Path | None, overrides: list[str], run_dir: Path, max_steps: int | None,
-           resume: str | None, force: bool) -> None:
-    """Become `torchrun --standalone --nproc-per-node N -m lean_relora train ...` (exec: signals to this process
-    reach torchrun, which passes them on to every rank)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           resume: str | None, force: bool) -> int:
+    """Run `torchrun --standalone --nproc-per-node N -m lean_relora train ...` in this process (torch's launcher,
+    called as a library) and return the job's exit code as one process would have it: 0 done, 75 stopped by a
+    signal (torchrun passes it on to every rank, which finish their step and save), else the code of the first
+    rank that failed (2 bad input, 1 failed)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    command = ["--standalone", "--nproc-per-node", str(nproc), "--shutdown-timeout", str(SHUTDOWN_SECONDS),
                "-m", "lean_relora", "train", *([str(recipe)] if recipe else []),
                *(word for item in overrides for word in ("--set", item)), "--run-dir", str(run_dir)]
     command += ["--max-steps", str(max_steps)] if max_steps is not None else []
@@ -222,9 +234,14 @@ def launch(nproc: int, recipe: Path | None, overrides: list[str], run_dir: Path,
     # torchrun would set one thread per rank and warn that it did; the cores of the host shared among the ranks
     # is the same choice, made without the warning.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, command)
+    try:
+        run(parse_args(command))
+    except SignalException:
+        return STOPPED
+    except ChildFailedError as e:
+        _, first = e.get_first_failure()
+        return first.exitcode if first.exitcode > 0 else 1  # a negative code: killed by a signal
+    return 0
 
 
 def leave() -> None:

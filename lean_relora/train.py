@@ -31,8 +31,8 @@ from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_con
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
 from lean_relora.progress import Reporter, command, drop_records_after
 from lean_relora.recipe import Recipe, RecipeError
-from lean_relora.relora import (lora_parameters, merge_all, relora_layers, set_trainable, target_modules,
-                                target_summary, wrap_model)
+from lean_relora.relora import (lora_parameters, relora_layers, set_trainable, target_modules, target_summary,
+                                wrap_model)
 from lean_relora.schedule import JaggedCosine
 from lean_relora.sinks import check_sinks, open_sinks
 from lean_relora.state import Run, TrainState
@@ -159,10 +159,7 @@ def restart(run: Run) -> dict:
     """Merge every layer's factors into its base, re-init them, partly reset their optimizer state.
     Returns the restart record: merge time and the cumulative retention of all merges so far (see RetentionProbe)."""
     start = time.perf_counter()
-    if run.ranks.several:
-        run.ranks.merge(relora_layers(run.model), run.generator)
-    else:
-        merge_all(run.model, run.generator)
+    run.ranks.merge(run.model, run.generator)  # one process: merge_all; several: each rank its own layers
     for store in {id(s): s for s in disk_stores(run.model)}.values():
         store.collect()  # the previous generation now lives on only in the checkpoints that link it
     relora = run.recipe.relora
