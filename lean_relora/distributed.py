@@ -209,8 +209,8 @@ def join() -> Ranks:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)  # object collectives over NCCL use the current device
+        if local_rank < torch.cuda.device_count():  # (a CPU run on a GPU host may have more ranks than GPUs)
+            torch.cuda.set_device(local_rank)  # NCCL's collectives use the current device
         dist.init_process_group(BACKEND if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     return Ranks(rank, size, local_rank)
 
