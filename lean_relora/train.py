@@ -23,6 +23,7 @@ from lean_relora import checkpoint, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
+from lean_relora.loss import causal_lm_loss, output_head
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
@@ -108,6 +109,8 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
         prepare_model(model, recipe.model, vocab_size, recipe.data.seq_len)
     else:
         model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id, config)
+    if recipe.train.loss_chunk_tokens:
+        output_head(model)  # a model the chunked loss cannot compute through is refused now, in one line
     selection, warning = target_summary(model, recipe.lora.targets)
     log.info(selection)
     if warning:
@@ -179,7 +182,7 @@ def train_step(run: Run) -> float:
         ids, state.data = run.loader.get(state.micro_batches)
         ids = ids.to(run.device, non_blocking=True)
         with autocast_context(recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+            loss = micro_batch_loss(run, ids)
         # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
         (loss / recipe.train.grad_accum_steps).backward()
         total += loss.detach()
@@ -203,6 +206,11 @@ def train_step(run: Run) -> float:
     return loss
 
 
+def micro_batch_loss(run: Run, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch, as training and evaluation compute it (train.loss_chunk_tokens)."""
+    return causal_lm_loss(run.model, ids, run.recipe.train.loss_chunk_tokens, position_ids=position_ids(run, ids))
+
+
 def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
     """Per-document positions where the recipe keeps attention within documents; None: the model's own 0..L-1."""
     return document_positions(ids, run.data.eos_token_id) if run.recipe.data.document_mask else None
@@ -216,7 +224,7 @@ def evaluate(run: Run) -> float:
     for ids in run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches):
         ids = ids.to(run.device)
         with autocast_context(run.recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+            loss = micro_batch_loss(run, ids)
             losses.append(loss.float().item())
     run.model.train()
     return sum(losses) / len(losses)

@@ -24,6 +24,14 @@ def test_analytic_model_agrees_with_the_trace(name):
     assert sum(analytic(recipe, VOCAB).values()) == pytest.approx(trace(recipe, VOCAB).peak, rel=tolerance)
 
 
+def test_analytic_model_counts_frozen_embeddings_and_lm_head_as_frozen_weights():
+    recipe = small(frozen_embeddings=True, accum=2)
+    parts = analytic(recipe, VOCAB)
+    assert min(parts.values()) >= 0
+    assert parts["frozen full-rank weights"] == 2 * VOCAB * 128 * 4  # embedding and lm_head, fp32, no state
+    assert sum(parts.values()) == pytest.approx(trace(recipe, VOCAB).peak, rel=0.05)
+
+
 def test_estimate_counts_host_memory_of_the_fp32_master_and_finds_the_largest_micro_batch():
     recipe = small(warm_start=5)
     gpu_gb = (CUDA_CONTEXT_BYTES + 40 * 2**20) / GIB  # room for a few sequences of this tiny model
@@ -126,7 +134,8 @@ def test_memory_estimate_of_a_pretrained_model_reads_its_config_alone(tmp_path, 
     relora = json.loads(result.output)["phases"][0]["components"]
     # The 7b recipe's sizes (32 layers of 4096, 32,000 tokens) give way to the model's own.
     assert relora["frozen base (stored)"] == sum(base_bytes(o * i, o, "nf4", 64, True, 2) for o, i in shapes)
-    assert relora["logits and loss"] == 2048 * model.config.vocab_size * (12 + 2)
+    # One 1024-token chunk of the model's own vocabulary (fp32 logits and a temporary), 12 bytes per token.
+    assert relora["logits and loss"] == 1024 * model.config.vocab_size * 8 + 2048 * 12
 
 
 def test_trains_pre_start_check_works_for_a_pretrained_model(tmp_path):
