@@ -38,7 +38,7 @@ def save_model(model_dir: Path) -> None:
     from lean_relora.recipe import DataConfig, load_recipe
     from lean_relora.tokenizer import load_tokenizer
 
-    recipe = load_recipe(ROOT / "recipes" / "1b3_24gb.toml")
+    recipe = load_recipe(ROOT / "recipes" / "1b3_12gb.toml")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         tokenizer = load_tokenizer(DataConfig(source="pydoc", bpe_vocab_size=8000), Path(cache))
@@ -81,7 +81,7 @@ def measured_run(model_dir: Path, steps: int) -> dict:
     from lean_relora.train import restart, setup, train_step
 
     torch.set_num_threads(2)
-    recipe = load_recipe(ROOT / "recipes" / "1b3_24gb.toml", overrides(model_dir, steps))
+    recipe = load_recipe(ROOT / "recipes" / "1b3_12gb.toml", overrides(model_dir, steps))
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (Linux: KiB)
     marks = {"imports": rss()}
     with tempfile.TemporaryDirectory() as run_dir:
@@ -120,7 +120,7 @@ def main() -> None:
     from lean_relora.memory import host_estimate
     from lean_relora.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "1b3_24gb.toml", overrides(args.model_dir, args.steps))
+    recipe = load_recipe(ROOT / "recipes" / "1b3_12gb.toml", overrides(args.model_dir, args.steps))
     predicted = host_estimate(recipe, recipe.model.vocab_size)
     child = subprocess.run([sys.executable, __file__, "--measure", "--model-dir", str(args.model_dir),
                             "--steps", str(args.steps)], capture_output=True, text=True, check=True)

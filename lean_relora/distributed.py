@@ -22,6 +22,7 @@ import os
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -101,14 +102,16 @@ class Ranks:
             dist.all_reduce(tensor)
         return tensor
 
-    def wrap(self, model: nn.Module) -> nn.Module | None:
-        """The model under DistributedDataParallel over the parameters that train now; None for one process.
-        Built again whenever the set of trainable parameters changes (ReLoRA begins after a warm start)."""
+    def wrap(self, model: nn.Module, loss: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> nn.Module | None:
+        """`loss(model, ids)` as the forward of a module under DistributedDataParallel, over the parameters that
+        train now; None for one process. The whole loss is DDP's forward because the chunked loss (loss.py) runs
+        the model's trunk and its output layer separately. Built again whenever the set of trainable parameters
+        changes (ReLoRA begins after a warm start)."""
         if not self.several:
             return None
         device = next(model.parameters()).device
         # Buffers are the frozen bases: identical by construction and after every merge, never re-sent per step.
-        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+        return DistributedDataParallel(LossOf(model, loss), device_ids=[device] if device.type == "cuda" else None,
                                        forward_sync_buffers=False)
 
     @contextmanager
@@ -176,6 +179,17 @@ class Ranks:
 
 
 SOLO = Ranks()
+
+
+class LossOf(nn.Module):
+    """A module whose forward is `loss(model, *inputs)`: what DDP wraps."""
+
+    def __init__(self, model: nn.Module, loss: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, *inputs) -> torch.Tensor:
+        return self.loss(self.model, *inputs)
 
 
 def resume_refusal(saved: int, ranks: int, recipe: Recipe) -> str | None:

@@ -26,6 +26,7 @@ from lean_relora.data import build_data, document_positions
 from lean_relora.distributed import SOLO, Ranks, join, resume_refusal
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
+from lean_relora.loss import causal_lm_loss, output_head
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
@@ -113,6 +114,8 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None,
         prepare_model(model, recipe.model, vocab_size, recipe.data.seq_len)
     else:
         model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id, config)
+    if recipe.train.loss_chunk_tokens:
+        output_head(model)  # a model the chunked loss cannot compute through is refused now, in one line
     selection, warning = target_summary(model, recipe.lora.targets)
     log.info(selection)
     if warning:
@@ -125,7 +128,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None,
     if recipe.relora.warm_start_steps > 0:
         run.model = model.to(device)
         run.optimizer = build_optimizer(run.model, recipe.optim, device)
-        run.ddp = ranks.wrap(run.model)
+        run.ddp = ranks.wrap(run.model, lambda model, ids: micro_batch_loss(run, ids, model))
     else:
         start_relora(run, source)
     return run
@@ -152,7 +155,7 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     if recipe.model.gradient_checkpointing and not recipe.lora.train_embeddings:
         run.model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     run.optimizer = build_optimizer(run.model, recipe.optim, run.device)
-    run.ddp = run.ranks.wrap(run.model)
+    run.ddp = run.ranks.wrap(run.model, lambda model, ids: micro_batch_loss(run, ids, model))
 
 
 def restart(run: Run) -> dict:
@@ -185,7 +188,7 @@ def train_step(run: Run) -> float:
     recipe, state = run.recipe, run.state
     run.model.train()
     total = torch.zeros((), device=run.device)
-    ranks, model = run.ranks, run.ddp or run.model
+    ranks = run.ranks
     for micro in range(recipe.train.grad_accum_steps):
         ids, state.data = run.loader.get(state.micro_batches + ranks.rank)  # rank r of N: r, r + N, ...
         ids = ids.to(run.device, non_blocking=True)
@@ -193,7 +196,7 @@ def train_step(run: Run) -> float:
         last = run.ddp is None or micro == recipe.train.grad_accum_steps - 1
         with nullcontext() if last else run.ddp.no_sync():
             with autocast_context(recipe, run.device):
-                loss = model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+                loss = micro_batch_loss(run, ids) if run.ddp is None else run.ddp(ids)
             # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
             (loss / recipe.train.grad_accum_steps).backward()
         total += loss.detach()
@@ -218,6 +221,13 @@ def train_step(run: Run) -> float:
     return loss
 
 
+def micro_batch_loss(run: Run, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch, as training and evaluation compute it (train.loss_chunk_tokens);
+    `model`: run.model as DDP hands it over (run.ddp's forward is this function)."""
+    return causal_lm_loss(model or run.model, ids, run.recipe.train.loss_chunk_tokens,
+                          position_ids=position_ids(run, ids))
+
+
 def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
     """Per-document positions where the recipe keeps attention within documents; None: the model's own 0..L-1."""
     return document_positions(ids, run.data.eos_token_id) if run.recipe.data.document_mask else None
@@ -232,7 +242,7 @@ def evaluate(run: Run) -> float:
     for ids in batches[ranks.rank::ranks.size]:  # each rank a share of the fixed eval batches
         ids = ids.to(run.device)
         with autocast_context(run.recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+            loss = micro_batch_loss(run, ids)
             losses.append(loss.float().item())
     run.model.train()
     if ranks.several:
