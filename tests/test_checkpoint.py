@@ -199,11 +199,11 @@ def test_a_nonfinite_loss_skips_the_step_and_leaves_weights_and_optimizer_alone(
     weights = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     moments, _ = optimizer_state(run.optimizer)
 
-    def poison(module, args, output):
-        output.loss = output.loss * math.nan
+    def poison(module, args, output):  # the trunk's hidden states: both HF's and the chunked loss compute from them
+        output.last_hidden_state = output.last_hidden_state * math.nan
         return output
 
-    hook = run.model.register_forward_hook(poison)
+    hook = run.model.base_model.register_forward_hook(poison)
     assert math.isnan(train_step(run))
     hook.remove()
     assert (run.state.step, run.state.skipped, run.state.bad_steps, run.state.micro_batches) == (3, 1, 1, 3)
