@@ -25,7 +25,7 @@ from lean_relora import checkpoint, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.distributed import SOLO, Ranks, join, resume_refusal
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
-from lean_relora.host import release_freed_memory
+from lean_relora.host import map_large_allocations, release_freed_memory
 from lean_relora.loss import causal_lm_loss, output_head
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
@@ -95,6 +95,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None,
         pretrained_config(recipe.model.pretrained)  # a wrong path or hub name fails now, not after reading the corpus
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    map_large_allocations()
     torch.manual_seed(recipe.train.seed)
     device = ranks.device(resolve_device(recipe.train.device))
     if recipe.optim.name == "paged_adamw8bit" and device.type != "cuda":
