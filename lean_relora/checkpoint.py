@@ -107,7 +107,7 @@ def save(run: Run, run_dir: Path, keep_last: int) -> Path:
                     "recipe_digest": run.recipe.digest(), "versions": _versions(), "files": files}
             write_text(tmp / META, json.dumps(meta, indent=1))
             sync_dir(tmp)
-            if ranks.several:
+            if ranks.several and (tmp / MASTERS).is_dir():  # the other ranks' master files (none in a warm start)
                 sync_dir(tmp / MASTERS)
             if final.exists():  # a checkpoint of an abandoned continuation: set aside, never overwritten
                 final.rename(root / f"{name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")

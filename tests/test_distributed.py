@@ -201,17 +201,20 @@ def test_a_checkpoint_holds_every_master_written_by_its_owner_and_refuses_anothe
 
 def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_resume_reproduces_the_run(two_ranks, tmp_path):
     stopped = tmp_path / "stopped"
-    process = launch(two_ranks / "tiny.toml", stopped, "--set", "checkpoint.every=0", wait=False)
+    # An evaluation after every step (no effect on training) keeps the run going long enough for the signal to land
+    # mid-run on a loaded machine; the first step's record means the stop handlers are armed.
+    process = launch(two_ranks / "tiny.toml", stopped, "--set", "checkpoint.every=0", "--set", "eval.every=1",
+                     wait=False)
     deadline = time.monotonic() + LIMIT
     while time.monotonic() < deadline and process.poll() is None:
-        if (stopped / "metrics.jsonl").exists() and len(losses(stopped)) >= 3:
+        if (stopped / "metrics.jsonl").exists() and len(losses(stopped)) >= 1:
             process.send_signal(signal.SIGTERM)  # to the launcher: torchrun's agent, run inside lean-relora
             break
         time.sleep(0.01)
     _, stderr = process.communicate(timeout=LIMIT)
     assert process.returncode == 75, stderr[-3000:]  # saved and stopped, as one process reports it
     k = len(losses(stopped))
-    assert 3 <= k < 30, stderr[-3000:]
+    assert 1 <= k < 30, stderr[-3000:]
     assert stderr.count(f"SIGTERM: stopped after step {k} of 30") == 1, stderr[-3000:]  # rank 0 alone reports
     checkpoints = [p.name for p in (stopped / CHECKPOINTS).iterdir() if p.name.startswith("step-")]
     assert checkpoints == [f"step-{k:08d}"]  # saved once, by the job, after the same step on both ranks
