@@ -22,7 +22,7 @@ from transformers import PretrainedConfig
 from lean_relora import checkpoint, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
-from lean_relora.host import release_freed_memory
+from lean_relora.host import map_large_allocations, release_freed_memory
 from lean_relora.loss import causal_lm_loss, output_head
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
@@ -91,6 +91,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
         pretrained_config(recipe.model.pretrained)  # a wrong path or hub name fails now, not after reading the corpus
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    map_large_allocations()
     torch.manual_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     if recipe.optim.name == "paged_adamw8bit" and device.type != "cuda":
