@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from lean_relora import checkpoint, merges
+from lean_relora import checkpoint, gradinit, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import release_freed_memory
@@ -158,12 +158,15 @@ def restart(run: Run) -> dict:
     relora = run.recipe.relora
     reset_state(run.optimizer, lora_parameters(run.model), relora.reset, relora.reset_ratio, run.generator)
     run.state.restarts += 1
+    init = {}
+    if relora.init == "gradient":  # after the merge: the gradient of the function the new cycle starts from
+        init = gradinit.reinit_from_gradient(run, lambda ids: micro_batch_loss(run, ids))
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     terms = [layer.base.probe.terms() for layer in relora_layers(run.model)]
     retention = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
-    return {"step": run.state.step, "restart": run.state.restarts, "merge_seconds": time.perf_counter() - start,
-            "retention": retention}
+    return {"step": run.state.step, "restart": run.state.restarts, "retention": retention, **init,
+            "merge_seconds": time.perf_counter() - start - init.get("init_seconds", 0.0)}
 
 
 def disk_stores(model: nn.Module) -> list[DiskMasters]:
@@ -178,8 +181,7 @@ def train_step(run: Run) -> float:
     for _ in range(recipe.train.grad_accum_steps):
         ids, state.data = run.loader.get(state.micro_batches)
         ids = ids.to(run.device, non_blocking=True)
-        with autocast_context(recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+        loss = micro_batch_loss(run, ids)
         # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
         (loss / recipe.train.grad_accum_steps).backward()
         total += loss.detach()
@@ -201,6 +203,12 @@ def train_step(run: Run) -> float:
         release_freed_memory()  # the step's activations and gradients were host RAM: give it back, not keep it
     state.step += 1
     return loss
+
+
+def micro_batch_loss(run: Run, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch, as the step computes it (gradient init uses the same)."""
+    with autocast_context(run.recipe, run.device):
+        return run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
 
 
 def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
@@ -269,6 +277,10 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
         if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
+            if recipe.relora.init == "gradient":
+                init = gradinit.reinit_from_gradient(run, lambda ids: micro_batch_loss(run, ids))
+                reporter.line(f"step {state.step}: A from the gradient ({init['init_tokens']:,} tokens, "
+                              f"{init['init_seconds']:.2f} s)")
         elif schedule.is_restart(state.step):
             merges.save(run.model, run_dir, state.step)  # what report --spectrum sums, whatever checkpoints remain
             reporter.restart(restart(run))
