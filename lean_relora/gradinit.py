@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lean_relora.recipe import RecipeError
-from lean_relora.relora import ReLoRALinear, relora_layers
+from lean_relora.relora import relora_layers
 from lean_relora.state import Run
 
 OVERSAMPLING = 8  # extra sketch columns beyond the rank: Halko et al.'s p = 5..10 makes the range finder's error
@@ -48,16 +48,16 @@ def sketch_bytes(shapes: list[tuple[int, int]], rank: int) -> int:
     return sum((o + i) * min(rank + OVERSAMPLING, i) * 4 for o, i in shapes)
 
 
-class _Sketch:
+class Sketch:
     """One layer's side of the range finder: accumulates Y (pass 1) or Z (pass 2) from (x, g) of each micro-batch."""
 
-    def __init__(self, layer: ReLoRALinear, seed: int):
-        self.out_features, self.in_features = layer.base.out_features, layer.base.in_features
-        if layer.rank > self.in_features:
-            raise RecipeError(f"relora.init = 'gradient': lora.rank = {layer.rank} exceeds a layer's {self.in_features} "
-                              "input features, more directions than its gradient's row space has")
-        self.k = min(layer.rank + OVERSAMPLING, self.in_features)
-        self.seed, self.device = seed, layer.lora_A.device
+    def __init__(self, out_features: int, in_features: int, rank: int, seed: int, device: torch.device):
+        self.out_features, self.in_features = out_features, in_features
+        if rank > in_features:
+            raise RecipeError(f"relora.init = 'gradient': lora.rank = {rank} exceeds a layer's {in_features} input "
+                              "features, more directions than its gradient's row space has")
+        self.k = min(rank + OVERSAMPLING, in_features)
+        self.seed, self.device = seed, device
         self.q: torch.Tensor | None = None  # set after pass 1
         self.total = torch.zeros(self.in_features, self.k, device=self.device)  # Y in pass 1, then Z in pass 2
 
@@ -99,7 +99,7 @@ class _Probe(torch.autograd.Function):
         return g, None, None
 
 
-def _probe_hook(sketch: _Sketch):
+def _probe_hook(sketch: Sketch):
     def hook(module, args, output):
         if not torch.is_grad_enabled():
             return output
@@ -129,7 +129,8 @@ def init_from_gradient(model: nn.Module, batches: list[torch.Tensor], loss_of: C
     .grad is touched: every parameter is frozen during the passes, which also skips the weight gradients."""
     layers = relora_layers(model)
     seeds = torch.randint(2**62, (len(layers),), generator=generator).tolist()
-    sketches = [_Sketch(layer, seed) for layer, seed in zip(layers, seeds)]
+    sketches = [Sketch(layer.base.out_features, layer.base.in_features, layer.rank, seed, layer.lora_A.device)
+                for layer, seed in zip(layers, seeds)]
     params = list(model.parameters())
     trainable = [p.requires_grad for p in params]
     device = layers[0].lora_A.device
