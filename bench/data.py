@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200, help="size of the generated jsonl, in MB")
     parser.add_argument("--out", type=Path, default=Path("results/data.json"))
     args = parser.parse_args()
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "1b3_24gb.toml")
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "1b3_12gb.toml")
     batch, seq_len = recipe.train.micro_batch_size, recipe.data.seq_len
     results = {"cores": os.cpu_count(), "load average before": os.getloadavg()[0], "need tokens/s": NEED}
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ from lean_relora.trace import trace
 from lean_relora.train import autocast_context
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPES = {"tiny": "tiny_cpu.toml", "350M": "350m_12gb.toml", "1.3B": "1b3_24gb.toml"}
+SHAPES = {"tiny": "tiny_cpu.toml", "350M": "350m_12gb.toml", "1.3B": "1b3_12gb.toml"}
 
 
 def shape_recipe(name: str, device: str) -> Recipe:

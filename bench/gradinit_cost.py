@@ -25,7 +25,7 @@ from rich.console import Console
 from lean_relora.gradinit import Sketch, sketch_bytes
 from lean_relora.recipe import load_recipe
 
-RECIPE = Path(__file__).parent.parent / "recipes" / "1b3_24gb.toml"
+RECIPE = Path(__file__).parent.parent / "recipes" / "1b3_12gb.toml"
 
 
 def timed(fn, repeats: int) -> float:

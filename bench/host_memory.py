@@ -1,18 +1,18 @@
 """Host RAM, measured: a pretrained LLaMA of the 1.3B recipe's shape, saved locally, trained on the CPU with the disk
-master (setup streams it tensor by tensor, a few steps, two restarts); peak RSS against the model's bf16 size and
-against memory-estimate's host-RAM prediction for the same recipe.
+master by the 16 GB machine's recipe (recipes/7b_8gb.toml: setup streams it tensor by tensor, a few steps, two
+restarts); peak RSS against the model's bf16 size and against memory-estimate's host-RAM prediction for the same
+recipe.
 
     python bench/host_memory.py [--model-dir results/llama-1b3] [--steps 3]
 
 The model (random weights, 2.6 GB of bf16 safetensors) and a BPE tokenizer trained on the pydoc corpus are written
-once to --model-dir; the measured run is a fresh process, so its peak RSS (ru_maxrss) is the run's alone.
+once to --model-dir; the measured run is a fresh process, so its peak RSS (VmHWM) is the run's alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
+# The 16 GB machine's recipe (disk master, rank 64, lm_head frozen), with the 1.3B-shaped model as model.pretrained:
+# its sizes replace the recipe's 7B ones.
+RECIPE = ROOT / "recipes" / "7b_8gb.toml"
 
 
 def overrides(model_dir: Path, steps: int) -> list[str]:
@@ -38,7 +41,7 @@ def save_model(model_dir: Path) -> None:
     from lean_relora.recipe import DataConfig, load_recipe
     from lean_relora.tokenizer import load_tokenizer
 
-    recipe = load_recipe(ROOT / "recipes" / "1b3_24gb.toml")
+    recipe = load_recipe(ROOT / "recipes" / "1b3_12gb.toml")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         tokenizer = load_tokenizer(DataConfig(source="pydoc", bpe_vocab_size=8000), Path(cache))
@@ -47,13 +50,17 @@ def save_model(model_dir: Path) -> None:
         tokenizer.save_pretrained(model_dir)
 
 
-def current_rss() -> int:
+def status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{key}:"))
+
+
+def current_rss() -> int:
+    return status_kib("VmRSS") * 1024
 
 
 class PhasePeaks:
-    """The highest RSS seen in each phase, sampled every 10 ms by a thread (ru_maxrss only knows the run's peak)."""
+    """The highest RSS seen in each phase, sampled every 10 ms by a thread (VmHWM only knows the run's peak)."""
 
     def __init__(self):
         import threading
@@ -81,8 +88,10 @@ def measured_run(model_dir: Path, steps: int) -> dict:
     from lean_relora.train import restart, setup, train_step
 
     torch.set_num_threads(2)
-    recipe = load_recipe(ROOT / "recipes" / "1b3_24gb.toml", overrides(model_dir, steps))
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (Linux: KiB)
+    recipe = load_recipe(RECIPE, overrides(model_dir, steps))
+    # VmHWM, the peak RSS of this process's own memory map: ru_maxrss would also count the parent's RSS when this
+    # process was forked from it (Linux carries it over exec), e.g. right after the parent saved the model.
+    rss = lambda: status_kib("VmHWM") * 1024  # noqa: E731
     marks = {"imports": rss()}
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
@@ -117,10 +126,11 @@ def main() -> None:
     if not (args.model_dir / "config.json").is_file():
         print(f"saving a 1.3B-shaped LLaMA and its tokenizer to {args.model_dir} (once)", flush=True)
         save_model(args.model_dir)
-    from lean_relora.memory import host_estimate
+    from lean_relora.memory import host_estimate, with_model_sizes
     from lean_relora.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "1b3_24gb.toml", overrides(args.model_dir, args.steps))
+    recipe = load_recipe(RECIPE, overrides(args.model_dir, args.steps))
+    recipe = with_model_sizes(recipe)  # the saved model's sizes, as memory-estimate takes them
     predicted = host_estimate(recipe, recipe.model.vocab_size)
     child = subprocess.run([sys.executable, __file__, "--measure", "--model-dir", str(args.model_dir),
                             "--steps", str(args.steps)], capture_output=True, text=True, check=True)

@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lean_relora import checkpoint
 from lean_relora.data import build_eval_data, document_positions
+from lean_relora.loss import causal_lm_loss
 from lean_relora.model import DTYPES
 from lean_relora.recipe import Recipe
 from lean_relora.relora import ReLoRALinear, wrap_model
@@ -129,7 +130,8 @@ def evaluate_checkpoint(source: str | Path, data: str | None = None) -> dict:
         ids = ids.to(device)
         positions = document_positions(ids, data.eos_token_id) if recipe.data.document_mask else None
         with autocast_context(recipe, device):
-            losses.append(trained.model(input_ids=ids, labels=ids, position_ids=positions).loss.float().item())
+            losses.append(causal_lm_loss(trained.model, ids, recipe.train.loss_chunk_tokens,
+                                         position_ids=positions).float().item())
     loss = sum(losses) / len(losses)
     return {"checkpoint": str(trained.path), "step": checkpoint.read_state(trained.path)["train_state"]["step"],
             "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "tokens": sum(ids.numel() for ids in batches),

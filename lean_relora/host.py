@@ -83,6 +83,19 @@ def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device
     return HostRam(PROCESS_BYTES, masters, setup, training, merge)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MAP_FROM_BYTES = 8 * 2**20  # 1 MiB cost a tiny CPU run 10% of its speed; 8 MiB nothing measurable
+
+
+def map_large_allocations() -> None:
+    """Have glibc map every block of MAP_FROM_BYTES or more on its own, so that freeing a tensor returns its memory
+    at once. By default glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MiB), after
+    which such tensors come from its heap and stay there when freed: the forward of a CPU step of a 1.3B-shaped
+    model then held 0.16 GiB more than with this, its backward 0.05 GiB more (docs/memory.md)."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MAP_FROM_BYTES)
+
+
 def release_freed_memory() -> None:
     """Hand memory that Python and torch already freed back to the system (glibc's malloc_trim). glibc keeps freed
     blocks below its mmap threshold (which grows to 32 MiB) in its heap; quantizing a layer frees several of them,

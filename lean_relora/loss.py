@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lean_relora.recipe import RecipeError
+
 IGNORE_INDEX = -100  # a label that is not predicted (HF's and torch's convention)
 
 
@@ -138,21 +140,22 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Te
 
 
 def output_head(model: nn.Module) -> nn.Linear:
-    """The model's output layer, which the chunked loss computes through; ValueError (one line) if it is not a
-    plain Linear, e.g. when lora.targets wraps it."""
+    """The model's output layer, which the chunked loss computes through; RecipeError (one line) if it is not a
+    plain Linear."""
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
-        raise ValueError(f"train.loss_chunk_tokens: the output layer is a {type(head).__name__}, not a plain Linear "
-                         "(do lora.targets name it?); set train.loss_chunk_tokens = 0 for Hugging Face's own loss")
+        raise RecipeError(f"train.loss_chunk_tokens: the model's output layer is a {type(head).__name__}, not a plain "
+                          "Linear; set train.loss_chunk_tokens = 0 for Hugging Face's own loss")
     return head
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int,
-                   labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean next-token loss of a Hugging Face causal LM, as `model(input_ids, labels=labels).loss` (labels
-    default to input_ids); chunk_tokens > 0 never holds more than that many tokens' logits, 0 is HF's own loss."""
+                   labels: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """The mean next-token loss of a Hugging Face causal LM, as `model(input_ids, labels=labels, **inputs).loss`
+    (labels default to input_ids; `inputs` such as position_ids go to the model); chunk_tokens > 0 never holds more
+    than that many tokens' logits, 0 is HF's own loss."""
     labels = input_ids if labels is None else labels
     if not chunk_tokens:
-        return model(input_ids=input_ids, labels=labels).loss
-    hidden = model.base_model(input_ids=input_ids, use_cache=False)[0]
+        return model(input_ids=input_ids, labels=labels, **inputs).loss
+    hidden = model.base_model(input_ids=input_ids, use_cache=False, **inputs)[0]
     return linear_cross_entropy(hidden, output_head(model), labels, chunk_tokens, LogitTransform.of(model.config))

@@ -84,8 +84,11 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         MLP          4af            gate, SiLU(gate), up, their product
         LoRA         nar            the r-wide middle of each of the n targets per layer (7 in LLaMA)
     With gradient checkpointing only each block's input (h, in the model's dtype) is kept, plus one block while it
-    is recomputed and back-propagated, which happens once the loss buffers are freed. The loss keeps fp32 log-probabilities and, in backward, their gradient and the logits' (4 + 4 + 4
-    bytes per vocabulary entry and token, plus the bf16 logits under autocast). The peak is taken at the start of
+    is recomputed and back-propagated, which happens once the loss buffers are freed. Hugging Face's loss keeps fp32
+    log-probabilities and, in backward, their gradient and the logits' (4 + 4 + 4 bytes per vocabulary entry and
+    token, plus the bf16 logits under autocast); the chunked loss (train.loss_chunk_tokens) holds that of one chunk
+    only (4 + 4 bytes), plus 12 bytes per token, so its buffers can be smaller than the last block's backward, which
+    then takes their place. The peak is taken at the start of
     backward: all activations, the loss buffers, and the gradients that exist then (all of them from the second
     micro-batch of an accumulated step on, else lm_head's, which backward computes first).
     """
@@ -100,16 +103,16 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
     head = vocab_size * h
     norms = (2 * layers + 1) * h
     embeddings = head * (1 if m.tie_embeddings else 2)
-    if relora:
-        full_rank = embeddings * lora.train_embeddings + norms * lora.train_norms
-        if not lora.train_lm_head and not m.tie_embeddings:
-            full_rank -= head
+    if relora:  # as set_trainable decides: a tied lm_head is the embedding and trains with it
+        head_trains = lora.train_embeddings if m.tie_embeddings else lora.train_lm_head
+        full_rank = head * lora.train_embeddings + head * head_trains * (not m.tie_embeddings)
+        full_rank += norms * lora.train_norms
         trainable = [full_rank] + [r * (o + i) for o, i in shapes]
     else:
-        full_rank = embeddings + norms
+        head_trains, full_rank = True, embeddings + norms
         trainable = [full_rank] + [o * i for o, i in shapes]
     accumulating = recipe.train.grad_accum_steps > 1
-    lm_head_trains = not relora or lora.train_lm_head or (m.tie_embeddings and lora.train_embeddings)
+    lm_head_trains = not relora or head_trains
     out = {
         "frozen base (stored)": sum(base_bytes(o * i, o, lora.quant, lora.blocksize, lora.double_quant, w)
                                     for o, i in shapes) if relora else 0,
@@ -119,7 +122,13 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         "optimizer state": sum(adam_state_bytes(n, recipe.optim.name, w) for n in trainable),
     }
     per_layer = 2 * (4 * h + 2 * a * h) + a * (3 * h + 2 * kv) + 4 * a * f + len(shapes) // layers * a * r * relora
-    loss_buffers = tokens * vocab_size * (12 + (a if a != 4 else 0))
+    chunk = recipe.train.loss_chunk_tokens
+    if chunk:
+        # The chunked loss holds one chunk's fp32 logits and a temporary of their size (log-sum-exp in forward, the
+        # bf16 copy of their gradient in backward), plus fp32 log-sum-exp and int64 targets per token.
+        loss_buffers = min(tokens, chunk) * vocab_size * (4 + 4) + tokens * (4 + 8)
+    else:
+        loss_buffers = tokens * vocab_size * (12 + (a if a != 4 else 0))
     if m.gradient_checkpointing:
         # The last block is recomputed after the loss buffers are freed: only what it needs beyond them counts,
         # its saved tensors plus the gradients its backward holds at once (about two of width f and two of h).
@@ -127,6 +136,9 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         out["activations"] = tokens * layers * w * h + max(0, recompute - loss_buffers)
     else:
         out["activations"] = tokens * layers * per_layer
+        # Once the loss is small (chunked), the last block's backward, with the gradients of its MLP and attention
+        # inputs (about f + 2h per token), is the larger moment.
+        loss_buffers = max(loss_buffers, tokens * a * (f + 2 * h))
     out["logits and loss"] = loss_buffers
     out["dequantization transient"] = max(o * i for o, i in shapes) * a if relora and lora.quant != "none" else 0
     # Held during a gradient init's passes, which keep a step's activations but no weight gradients: counted on top

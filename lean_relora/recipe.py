@@ -23,7 +23,7 @@ FIDELITIES = ("master", "naive")
 MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
 # Fields a resumed run may change: how long, where and how much is reported, not what is trained.
-RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "relora.master", "eval.every", "eval.batches",
+RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "train.loss_chunk_tokens", "relora.master", "eval.every", "eval.batches",
                "log.every", "log.tensorboard", "log.wandb", "checkpoint.every", "checkpoint.keep_last",
                "checkpoint.max_bad_steps")
 
@@ -172,9 +172,12 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     autocast: str = "auto"  # bf16 autocast: auto (on CUDA with bf16 support) | bf16 | none
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    loss_chunk_tokens: int = 1024  # tokens whose logits the loss holds at once (recomputed in backward); 0 = HF's loss, all logits
 
     def __post_init__(self):
         _positive(self, "max_steps", "micro_batch_size", "grad_accum_steps")
+        if self.loss_chunk_tokens < 0:
+            raise _rule(self, "loss_chunk_tokens", "must be >= 0 (0 = Hugging Face's own loss)")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "autocast", ("auto", "bf16", "none"))
         if self.threads < 0:

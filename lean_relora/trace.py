@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lean_relora.loss import causal_lm_loss
 from lean_relora.model import DTYPES, architecture, build_model
 from lean_relora.optim import build_optimizer
 from lean_relora.quant import quant_state_tensors
@@ -79,11 +80,11 @@ class Trace:
     micro_batch_size: int
 
 
-def run_step(model, optimizer, batches: list[torch.Tensor], autocast: bool) -> None:
+def run_step(model, optimizer, batches: list[torch.Tensor], autocast: bool, loss_chunk_tokens: int) -> None:
     """A training step as train.train_step does it: micro-batches, accumulated gradients, optimizer step."""
     for ids in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = causal_lm_loss(model, ids, loss_chunk_tokens)
         (loss / len(batches)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -129,7 +130,7 @@ def trace(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch_si
             optimizer.step()
             optimizer.zero_grad(set_to_none=recipe.train.grad_accum_steps == 1)
             tracker.reset_peak()
-            run_step(model, optimizer, [ids], autocast)
+            run_step(model, optimizer, [ids], autocast, recipe.train.loss_chunk_tokens)
         optimizer_bytes = sum(t.untyped_storage().nbytes() for state in optimizer.state.values()
                               for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 256)
         model_bytes = sum(t.untyped_storage().nbytes() for t in model_tensors(model))

@@ -22,7 +22,8 @@ from transformers import PretrainedConfig
 from lean_relora import checkpoint, gradinit, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
-from lean_relora.host import release_freed_memory
+from lean_relora.host import map_large_allocations, release_freed_memory
+from lean_relora.loss import causal_lm_loss, output_head
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
@@ -90,6 +91,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
         pretrained_config(recipe.model.pretrained)  # a wrong path or hub name fails now, not after reading the corpus
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    map_large_allocations()
     torch.manual_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     if recipe.optim.name == "paged_adamw8bit" and device.type != "cuda":
@@ -108,6 +110,8 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None)
         prepare_model(model, recipe.model, vocab_size, recipe.data.seq_len)
     else:
         model = build_model(recipe.model, vocab_size, recipe.data.seq_len, tokenizer.eos_token_id, config)
+    if recipe.train.loss_chunk_tokens:
+        output_head(model)  # a model the chunked loss cannot compute through is refused now, in one line
     selection, warning = target_summary(model, recipe.lora.targets)
     log.info(selection)
     if warning:
@@ -160,7 +164,7 @@ def restart(run: Run) -> dict:
     run.state.restarts += 1
     init = {}
     if relora.init == "gradient":  # after the merge: the gradient of the function the new cycle starts from
-        init = gradinit.reinit_from_gradient(run, lambda ids: micro_batch_loss(run, ids))
+        init = gradient_init(run)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     terms = [layer.base.probe.terms() for layer in relora_layers(run.model)]
@@ -181,7 +185,8 @@ def train_step(run: Run) -> float:
     for _ in range(recipe.train.grad_accum_steps):
         ids, state.data = run.loader.get(state.micro_batches)
         ids = ids.to(run.device, non_blocking=True)
-        loss = micro_batch_loss(run, ids)
+        with autocast_context(recipe, run.device):
+            loss = micro_batch_loss(run, ids)
         # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
         (loss / recipe.train.grad_accum_steps).backward()
         total += loss.detach()
@@ -206,9 +211,16 @@ def train_step(run: Run) -> float:
 
 
 def micro_batch_loss(run: Run, ids: torch.Tensor) -> torch.Tensor:
-    """The mean next-token loss of one micro-batch, as the step computes it (gradient init uses the same)."""
-    with autocast_context(run.recipe, run.device):
-        return run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+    """The mean next-token loss of one micro-batch, as training and evaluation compute it (train.loss_chunk_tokens)."""
+    return causal_lm_loss(run.model, ids, run.recipe.train.loss_chunk_tokens, position_ids=position_ids(run, ids))
+
+
+def gradient_init(run: Run) -> dict:
+    """relora.init = "gradient": each layer's A from its weight gradient under the step's own loss (gradinit.py)."""
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        with autocast_context(run.recipe, run.device):
+            return micro_batch_loss(run, ids)
+    return gradinit.reinit_from_gradient(run, loss_of)
 
 
 def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
@@ -224,7 +236,7 @@ def evaluate(run: Run) -> float:
     for ids in run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches):
         ids = ids.to(run.device)
         with autocast_context(run.recipe, run.device):
-            loss = run.model(input_ids=ids, labels=ids, position_ids=position_ids(run, ids)).loss
+            loss = micro_batch_loss(run, ids)
             losses.append(loss.float().item())
     run.model.train()
     return sum(losses) / len(losses)
@@ -278,7 +290,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
             if recipe.relora.init == "gradient":
-                init = gradinit.reinit_from_gradient(run, lambda ids: micro_batch_loss(run, ids))
+                init = gradient_init(run)
                 reporter.line(f"step {state.step}: A from the gradient ({init['init_tokens']:,} tokens, "
                               f"{init['init_seconds']:.2f} s)")
         elif schedule.is_restart(state.step):

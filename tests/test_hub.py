@@ -72,7 +72,7 @@ def test_a_hub_model_trains_and_its_memory_estimate_downloads_its_config_alone(t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0",
            "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
-    argvs = [["memory-estimate", "recipes/7b_12gb.toml", "--set", f"model.pretrained={name}", "--json"]
+    argvs = [["memory-estimate", "recipes/7b_8gb.toml", "--set", f"model.pretrained={name}", "--json"]
              for name in ("org/tiny", "org/none")]
     argvs.append(["train", "--set", "model.pretrained=org/tiny", "--run-dir", str(tmp_path / "run"), "--max-steps",
                   "1", "--set", "train.device='cpu'", "--set", "data.max_documents=50", "--set", "eval.batches=1"])

@@ -8,6 +8,7 @@ from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2
                           MistralConfig, Phi3Config, PhiConfig, Qwen2Config)
 
 from lean_relora.loss import causal_lm_loss, linear_cross_entropy, output_head
+from lean_relora.recipe import RecipeError
 from lean_relora.trace import LiveBytes
 
 VOCAB = 101
@@ -111,6 +112,6 @@ def test_it_holds_one_chunks_logits_not_all_of_them(chunk_tokens):
 def test_an_output_layer_it_cannot_compute_through_is_refused_in_one_line():
     model = build("llama")
     model.lm_head = nn.Sequential(model.lm_head)
-    with pytest.raises(ValueError, match=r"^train.loss_chunk_tokens: the output layer is a Sequential.*= 0 for") as e:
+    with pytest.raises(RecipeError, match=r"^train.loss_chunk_tokens: the model.s output layer is a Sequential.*= 0 for") as e:
         output_head(model)
     assert "\n" not in str(e.value)

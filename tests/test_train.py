@@ -13,9 +13,9 @@ from rich.console import Console
 from lean_relora.progress import Reporter
 from lean_relora.recipe import (CheckpointConfig, DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
                                 ReloraConfig, TrainConfig)
-from lean_relora import checkpoint
+from lean_relora import checkpoint, loss
 from lean_relora.relora import relora_layers
-from lean_relora.train import setup, train, train_step
+from lean_relora.train import evaluate, setup, train, train_step
 
 
 def tiny_recipe(quant="nf4", steps=20, warm_start=0, restart_every=7, **train_kw) -> Recipe:
@@ -104,6 +104,26 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer_cache):
     assert loss_big == pytest.approx(loss_small, rel=1e-5)
     for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_loop_trains_and_evaluates_through_the_chunked_loss_as_through_hugging_faces(tmp_path, tokenizer_cache,
+                                                                                         monkeypatch):
+    """train.loss_chunk_tokens = 40 splits each micro-batch's 256 tokens into 7 chunks: the losses, the updates of
+    every trainable weight (lm_head's and the embedding's included) and the eval loss equal those of HF's loss."""
+    directory = run_dir(tmp_path, tokenizer_cache)
+    chunked_calls = []
+    original = loss.linear_cross_entropy
+    monkeypatch.setattr(loss, "linear_cross_entropy", lambda *args: chunked_calls.append(args[3]) or original(*args))
+    runs = [setup(tiny_recipe(quant="none", loss_chunk_tokens=chunk), directory) for chunk in (0, 40)]
+    losses, evals = [], []
+    for run in runs:
+        losses.append([train_step(run) for _ in range(3)])
+        evals.append(evaluate(run))
+    assert chunked_calls == [40] * (3 + 4)  # 3 steps and 4 eval batches of the second run, none of the first's
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, a), b in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert evals[0] == pytest.approx(evals[1], rel=1e-5)
 
 
 def test_warm_start_as_long_as_the_run_is_a_full_rank_baseline(tmp_path, tokenizer_cache):
