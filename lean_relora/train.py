@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from lean_relora import checkpoint, merges
+from lean_relora import checkpoint, gradinit, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import map_large_allocations, release_freed_memory
@@ -162,12 +162,15 @@ def restart(run: Run) -> dict:
     relora = run.recipe.relora
     reset_state(run.optimizer, lora_parameters(run.model), relora.reset, relora.reset_ratio, run.generator)
     run.state.restarts += 1
+    init = {}
+    if relora.init == "gradient":  # after the merge: the gradient of the function the new cycle starts from
+        init = gradient_init(run)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     terms = [layer.base.probe.terms() for layer in relora_layers(run.model)]
     retention = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
-    return {"step": run.state.step, "restart": run.state.restarts, "merge_seconds": time.perf_counter() - start,
-            "retention": retention}
+    return {"step": run.state.step, "restart": run.state.restarts, "retention": retention, **init,
+            "merge_seconds": time.perf_counter() - start - init.get("init_seconds", 0.0)}
 
 
 def disk_stores(model: nn.Module) -> list[DiskMasters]:
@@ -210,6 +213,14 @@ def train_step(run: Run) -> float:
 def micro_batch_loss(run: Run, ids: torch.Tensor) -> torch.Tensor:
     """The mean next-token loss of one micro-batch, as training and evaluation compute it (train.loss_chunk_tokens)."""
     return causal_lm_loss(run.model, ids, run.recipe.train.loss_chunk_tokens, position_ids=position_ids(run, ids))
+
+
+def gradient_init(run: Run) -> dict:
+    """relora.init = "gradient": each layer's A from its weight gradient under the step's own loss (gradinit.py)."""
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        with autocast_context(run.recipe, run.device):
+            return micro_batch_loss(run, ids)
+    return gradinit.reinit_from_gradient(run, loss_of)
 
 
 def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
@@ -278,6 +289,10 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
         if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
+            if recipe.relora.init == "gradient":
+                init = gradient_init(run)
+                reporter.line(f"step {state.step}: A from the gradient ({init['init_tokens']:,} tokens, "
+                              f"{init['init_seconds']:.2f} s)")
         elif schedule.is_restart(state.step):
             merges.save(run.model, run_dir, state.step)  # what report --spectrum sums, whatever checkpoints remain
             reporter.restart(restart(run))
