@@ -2,7 +2,8 @@
 tokens for every method, compare final eval loss of full-rank training, LoRA, LoRA after a full-rank warm start, and
 ReLoRA (nf4 base and unquantized base); writes results/paper_ordering/summary.json and keeps each run's directory
 (metrics and checkpoints, for `lean-relora report RUN_DIR ... --spectrum`); then the update rank of one weight matrix
-(singular values of W_end - W_start) for LoRA and ReLoRA from the same warm start.
+(singular values of W_end - W_start) for LoRA and ReLoRA from the same warm start. ReLoRA with relora.init =
+"gradient" runs on the same token budget (its init passes included) and, apart, on the same steps.
 
     .venv/bin/python bench/paper_ordering.py [--steps 300] [--restart-every 120] [--only METHOD ...] [--set ...]
 
@@ -24,20 +25,31 @@ from rich.table import Table
 
 from lean_relora.progress import Reporter
 from lean_relora.recipe import load_recipe
-from lean_relora.report import spectrum
+from lean_relora.spectrum import measure as spectrum
 from lean_relora.train import train
 
 NEVER = "relora.restart_every=1000000"  # LoRA: one cycle for the whole run
 
 
+INIT_BATCHES = 2  # micro-batches per gradient init (each passed twice): 2% of the budget in all at 300 steps
+
+
 def variants(steps: int, restart_every: int) -> dict[str, list[str]]:
     cycles = f"relora.restart_every={restart_every}"
+    # Gradient init spends 2 x INIT_BATCHES micro-batch passes at the start of ReLoRA and at every restart, counted
+    # in the run's tokens: that row runs fewer steps, so that its tokens do not exceed the others'.
+    recipe = load_recipe(None, [f"train.max_steps={steps}", cycles])
+    inits = 1 + max(0, steps - 1 - recipe.relora.warm_start_steps) // restart_every
+    init_steps = math.ceil(inits * 2 * INIT_BATCHES / recipe.train.grad_accum_steps)
+    gradient = [cycles, "relora.init='gradient'", f"relora.init_batches={INIT_BATCHES}"]
     return {
         "full-rank": [f"relora.warm_start_steps={steps}"],
         "LoRA": ["relora.warm_start_steps=0", NEVER],
         "LoRA + warm start": [NEVER],
         "ReLoRA (nf4 base)": [cycles],
         "ReLoRA (unquantized base)": [cycles, "lora.quant='none'"],
+        "ReLoRA, gradient init": [*gradient, f"train.max_steps={steps - init_steps}"],
+        "ReLoRA, gradient init, same steps": gradient,  # more tokens than the others: the init alone, not the budget
     }
 
 
@@ -77,15 +89,15 @@ def main() -> None:
 
     full, lora = results["full-rank"]["eval_loss"], results["LoRA"]["eval_loss"]
     table = Table(title=f"tiny_cpu recipe, {args.steps} steps x {results['LoRA']['tokens'] // args.steps:,} tokens "
-                        "for every method: final eval loss")
+                        "for every method (unless its tokens say otherwise): final eval loss")
     for column in ("method", "eval loss", "perplexity", "share of the LoRA -> full-rank gap closed", "restarts",
-                   "paper 130M ppl"):
+                   "tokens", "paper 130M ppl"):
         table.add_column(column, justify="right")
     for name, result in results.items():
         closed = (lora - result["eval_loss"]) / (lora - full) if lora != full else float("nan")
         result["gap_closed"] = closed
         table.add_row(name, f"{result['eval_loss']:.4f}", f"{math.exp(result['eval_loss']):.1f}", f"{closed:.0%}",
-                      str(result["restarts"]), f"{PAPER[name]:.2f}" if name in PAPER else "-")
+                      str(result["restarts"]), f"{result['tokens']:,}", f"{PAPER[name]:.2f}" if name in PAPER else "-")
     console.print(table)
 
     # Update rank (the paper's central analysis): singular values of W_end - W_start of one matrix over the low-rank
@@ -94,7 +106,8 @@ def main() -> None:
     for column in ("method", "LoRA rank", "non-zero singular values (> 1e-6 of the largest)",
                    "effective rank (> 1% of the largest)"):
         ranks.add_column(column, justify="right")
-    for name in [n for n in ("LoRA + warm start", "ReLoRA (nf4 base)", "ReLoRA (unquantized base)") if n in results]:
+    for name in [n for n in ("LoRA + warm start", "ReLoRA (nf4 base)", "ReLoRA (unquantized base)",
+                              "ReLoRA, gradient init") if n in results]:
         found = spectrum(results[name]["run_dir"], "model.layers.0.mlp.down_proj")
         normalized = found.singular_values / found.singular_values[0]
         results[name]["update_rank"] = {"nonzero": int((normalized > 1e-6).sum()), "effective": found.effective_rank}

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
 from lean_relora.durable import file_sha256, sync_dir, write_synced, write_text
+from lean_relora.load import StateMismatch, TensorSource, load_state
 from lean_relora.master import DiskMaster, link_or_copy
 from lean_relora.optim import load_optimizer_state, optimizer_state
 from lean_relora.quant import FrozenBase
@@ -328,17 +329,17 @@ def load_model_state(model: torch.nn.Module, path: Path) -> None:
     """Weights, LoRA factors and the stored base (buffers, quant states, masters, probes) into a model of the same
     structure."""
     try:
-        model.load_state_dict(load_file(Path(path) / MODEL), strict=True)
-    except RuntimeError as e:
+        load_state(model, TensorSource(path, MODEL))
+    except StateMismatch as e:
         why = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{path}: does not fit the model the recipe builds ({why})") from None
-    bases = load_file(Path(path) / BASE)
+    bases = TensorSource(path, BASE)  # read a layer at a time: with masters in RAM the file is 4 bytes per weight
     meta, generation = json.loads((Path(path) / META).read_text()), read_state(path)["train_state"]["restarts"]
     stores = {}
     for name, module in model.named_modules():
         if isinstance(module, FrozenBase):
             prefix, file = f"{name}.", f"{MASTERS}/{name}.f32"
-            module.load_extra_state({k[len(prefix):]: v for k, v in bases.items() if k.startswith(prefix)},
+            module.load_extra_state({k[len(prefix):]: bases.get(k) for k in bases.files if k.startswith(prefix)},
                                     Path(path) / file if file in meta["files"] else None, generation,
                                     meta["files"].get(file, {}).get("sha256", ""))
             if isinstance(module.master, DiskMaster):

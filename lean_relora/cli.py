@@ -244,6 +244,9 @@ def export_(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="New directory for the Hugging Face model.",
                                             show_default=False)],
     dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype of the export: bf16, fp16 or fp32.")] = "bf16",
+    max_shard_size: Annotated[str, typer.Option(
+        "--max-shard-size", help="Largest safetensors file written (and host RAM held for it), e.g. 2GB or 500MB.")
+    ] = "2GB",
 ):
     """Merge the LoRA factors into the full-precision weights and write a standard Hugging Face model directory."""
     console = _setup_logging()
@@ -254,7 +257,7 @@ def export_(
 
         hf_logging.disable_progress_bar()  # a tiny model's "Writing model shards" bar flashes by
         try:
-            trained = export_model(source, out_dir, dtype)
+            trained = export_model(source, out_dir, dtype, max_shard_size)
         except OSError as e:  # OUT_DIR where nothing can be written
             raise UserError(f"{out_dir}: cannot be written ({e.strerror or e}); choose a writable directory") from None
     _warn_skipped(console, trained.problems)

@@ -1,58 +1,45 @@
-"""Using a trained run: rebuild its model from a checkpoint, export it as a plain Hugging Face model, evaluate it.
+"""Using a trained run: export it as a plain Hugging Face model, evaluate it (trained.py rebuilds its model).
 
 The export folds every ReLoRA layer into the dense layer it replaced (nn.Linear, or transformers' Conv1D), W + s B A, where W is the fp32 master copy when the run
 kept one (relora.fidelity = master) and the dequantized base otherwise: the 4-bit codes are only a lossy view of the
-master, so exporting from them would throw away precision the run paid for.
+master, so exporting from them would throw away precision the run paid for. It is written shard by shard (shards.py)
+one merged layer at a time, so host RAM holds the model as it trained, one merged layer and one shard, never the
+dense model (a 7B one: 13.5 GB in bf16, 28 GB in fp32).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.hub import convert_file_size_to_int
 
 from lean_relora import checkpoint
 from lean_relora.data import build_eval_data, document_positions
+from lean_relora.host import release_freed_memory
 from lean_relora.loss import causal_lm_loss
-from lean_relora.model import DTYPES
-from lean_relora.recipe import Recipe
-from lean_relora.relora import ReLoRALinear, wrap_model
+from lean_relora.relora import ReLoRALinear
+from lean_relora.shards import ShardWriter
 from lean_relora.tokenizer import SAVED, saved_tokenizer, tokenizer_name
+from lean_relora.trained import Trained, load_trained
 from lean_relora.train import autocast_context, resolve_device
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP16_MAX = 65504.0
+MAX_SHARD_SIZE = "2GB"  # host RAM the export holds for the shard being assembled
 
 
 class ExportError(ValueError):
     """Bad input to export or eval; the message is one line for the user."""
-
-
-@dataclass
-class Trained:
-    model: nn.Module  # as it trained: quantized base + LoRA factors (or dense, before the warm start ended)
-    recipe: Recipe
-    path: Path  # the checkpoint it came from
-    problems: list[str]  # damaged newer checkpoints that were skipped
-
-
-def load_trained(source: str | Path, device: torch.device | str = "cpu") -> Trained:
-    """The model of a checkpoint, or of a run's newest intact one, rebuilt from its config and recipe."""
-    path, problems = checkpoint.resolve(source)
-    recipe, state = checkpoint.saved_recipe(path), checkpoint.read_state(path)
-    dtype = DTYPES[recipe.model.dtype]
-    model = AutoModelForCausalLM.from_config(checkpoint.saved_config(path)).to(dtype)
-    if state["relora"]:
-        wrap_model(model, recipe.lora, keep_master=state["masters"], dtype=dtype, device=device)
-    checkpoint.load_model_state(model.to(device), path)
-    return Trained(model.eval(), recipe, path, problems)
 
 
 def run_tokenizer(trained: Trained):
@@ -88,30 +75,83 @@ def merged_layer(layer: ReLoRALinear) -> nn.Module:
     return merged
 
 
-def export_model(source: str | Path, out_dir: Path, dtype: str = "bf16") -> Trained:
-    """Write a standard Hugging Face model directory (config, safetensors, tokenizer) of the merged model."""
+def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the merged model's state dict in its order, each ReLoRA layer merged (fp32) when its turn
+    comes. A tensor under several names (tied embeddings) comes once, under its first name, as save_pretrained writes
+    it (transformers ties the others back on loading)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, ReLoRALinear)}
+    merged, storages = set(), set()
+    for key, value in model.state_dict().items():
+        owner = next((p for p in _prefixes(key) if p in layers), None)
+        if owner is not None:
+            if owner not in merged:
+                merged.add(owner)
+                for leaf, tensor in merged_layer(layers[owner]).state_dict().items():
+                    yield f"{owner}.{leaf}", tensor
+            continue
+        storage = value.untyped_storage().data_ptr()
+        if value.numel() and storage in storages:
+            continue
+        storages.add(storage)
+        yield key, value.detach().cpu()
+
+
+def _prefixes(key: str) -> Iterator[str]:
+    parts = key.split(".")
+    return (".".join(parts[:i]) for i in range(1, len(parts)))
+
+
+def shard_bytes(max_shard_size: str | int) -> int:
+    try:
+        size = int(max_shard_size) if str(max_shard_size).isdigit() else convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        size = 0
+    if not isinstance(size, int) or size <= 0:
+        raise ExportError(f"--max-shard-size {max_shard_size}: give a size such as 2GB, 500MB or a number of bytes")
+    return size
+
+
+def export_model(source: str | Path, out_dir: Path, dtype: str = "bf16",
+                 max_shard_size: str | int = MAX_SHARD_SIZE) -> Trained:
+    """Write a standard Hugging Face model directory (config, sharded safetensors, tokenizer) of the merged model."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype}: must be one of {', '.join(EXPORT_DTYPES)}")
+    max_bytes = shard_bytes(max_shard_size)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir}: already exists and is not an empty directory; choose a new one")
     trained = load_trained(source)
     tokenizer = run_tokenizer(trained)
-    model = trained.model
-    for name in [n for n, m in model.named_modules() if isinstance(m, ReLoRALinear)]:
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, merged_layer(model.get_submodule(name)))  # one layer at a time
-    if dtype == "fp16":
-        peak = max(p.detach().abs().max().item() for p in model.parameters())
-        if peak > FP16_MAX:
-            raise ExportError(f"--dtype fp16: a weight of magnitude {peak:.3g} exceeds fp16's range; use bf16 or fp32")
-    model.to(EXPORT_DTYPES[dtype])
-    model.config.use_cache = True
+    model, export_dtype = trained.model, EXPORT_DTYPES[dtype]
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.rename(tmp, out_dir)  # replaces at most an empty directory
+    tmp.mkdir()
+    try:
+        shards = ShardWriter(tmp, max_bytes)
+        for name, tensor in merged_tensors(model):
+            if tensor.is_floating_point():
+                if dtype == "fp16":
+                    peak = tensor.abs().max().item() if tensor.numel() else 0.0
+                    if peak > FP16_MAX:
+                        raise ExportError(f"--dtype fp16: a weight of magnitude {peak:.3g} exceeds fp16's range; "
+                                          "use bf16 or fp32")
+                tensor = tensor.to(export_dtype)
+            shards.add(name, tensor)
+            del tensor
+            release_freed_memory()
+        shards.close()
+        config = copy.deepcopy(model.config)
+        config.dtype = str(export_dtype).split(".")[1]  # as save_pretrained records it
+        config.architectures = [type(model).__name__]
+        config.use_cache = True
+        config.save_pretrained(tmp)
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, out_dir)  # replaces at most an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return trained
 
 

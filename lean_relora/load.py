@@ -41,16 +41,17 @@ def streams(recipe: Recipe) -> bool:
 
 
 class TensorSource:
-    """The tensors of a safetensors checkpoint by name, each read (memory-mapped) on request."""
+    """The tensors of a safetensors checkpoint by name, each read (memory-mapped) on request: the model of a
+    directory (one file or an index of shards), or the one file `single` in it."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, single: str = SINGLE):
         self.directory = directory = Path(directory)
-        if (directory / INDEX).is_file():
+        if single == SINGLE and (directory / INDEX).is_file():
             weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
             self.files = {name: directory / file for name, file in weight_map.items()}
         else:
-            with safe_open(directory / SINGLE, framework="pt") as f:
-                self.files = {name: directory / SINGLE for name in f.keys()}
+            with safe_open(directory / single, framework="pt") as f:
+                self.files = {name: directory / single for name in f.keys()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -116,3 +117,40 @@ def fill_remaining(model: PreTrainedModel, source: TensorSource, device: torch.d
             source.fill(name, source_module, device, dtype)
     if tied:
         head.weight = model.get_input_embeddings().weight
+
+
+class StateMismatch(ValueError):
+    """A safetensors file whose tensors are not the model's state dict (names or shapes)."""
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, source: TensorSource) -> None:
+    """`model.load_state_dict` (strict) from `source`, read one tensor at a time: a real tensor is copied into in
+    place, a meta one is replaced by the tensor read (parameters sharing one tensor, tied embeddings, stay shared).
+    Host RAM beyond the model: one tensor."""
+    state = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(state) - set(source.files)), sorted(set(source.files) - set(state))
+    if missing or unexpected:
+        raise StateMismatch(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    replaced: dict[int, torch.Tensor] = {}
+    for key, current in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if id(current) in replaced:  # tied to a tensor already read
+            value = replaced[id(current)]
+        else:
+            value = source.get(key)
+            if value.shape != current.shape:
+                raise StateMismatch(f"size mismatch for {key}: {tuple(value.shape)} in the file, "
+                                    f"{tuple(current.shape)} in the model")
+            if current.device.type != "meta":
+                current.copy_(value)
+                continue
+            value = value.to(current.dtype)
+            if isinstance(current, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=current.requires_grad)
+            replaced[id(current)] = value
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = value
+        else:
+            owner._buffers[leaf] = value

@@ -99,6 +99,32 @@ class DiskMaster:
         self.generation, self.sha256 = generation, sha256 or file_sha256(target)
 
 
+class MappedMaster:
+    """A checkpoint's disk master, read in place through a memory map: what a model rebuilt for export or eval keeps
+    (no copy into a run's store, and nothing to write: such a model never merges)."""
+
+    in_memory = False
+
+    def __init__(self, shape: torch.Size):
+        self.shape, self.path = torch.Size(shape), None
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * 4
+
+    def read(self) -> torch.Tensor:
+        return _map(self.path, self.shape)
+
+    def write(self, dense: torch.Tensor) -> None:
+        raise RuntimeError(f"{self.path}: a checkpoint's master is read-only; merge in a run built by train.setup")
+
+    def restore(self, tensor: torch.Tensor | None = None, path: Path | None = None, generation: int = 0,
+                sha256: str = "") -> None:
+        if path is None:
+            raise ValueError("a mapped master is restored from a checkpoint's file")
+        self.path = Path(path)
+
+
 class DiskMasters:
     """The disk masters of one run, under RUN_DIR/master."""
 

@@ -18,6 +18,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from lean_relora.distributed import Ranks
+from lean_relora.gradinit import sketch_bytes
 from lean_relora.host import HostRam, host_ram, on_one_host
 from lean_relora.model import architecture, build_model, pretrained_config, sizes
 from lean_relora.recipe import Recipe, RecipeError
@@ -141,6 +142,9 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         loss_buffers = max(loss_buffers, tokens * a * (f + 2 * h))
     out["logits and loss"] = loss_buffers
     out["dequantization transient"] = max(o * i for o, i in shapes) * a if relora and lora.quant != "none" else 0
+    # Held during a gradient init's passes, which keep a step's activations but no weight gradients: counted on top
+    # of the step's peak, an upper bound.
+    out["gradient-init sketches"] = sketch_bytes(shapes, r) if relora and recipe.relora.init == "gradient" else 0
     return out
 
 

@@ -101,7 +101,9 @@ class Reporter:
         self._write(record)
         self.restarts, self.restarted_at = record["restart"], record["step"]
         self._refresh()
-        self.line(f"step {record['step']}: restart {record['restart']} (merged in {record['merge_seconds']:.2f} s, "
+        init = (f", A from the gradient in {record['init_seconds']:.2f} s over {record['init_tokens']:,} tokens"
+                if "init_seconds" in record else "")
+        self.line(f"step {record['step']}: restart {record['restart']} (merged in {record['merge_seconds']:.2f} s{init}, "
                   f"cumulative retention {record['retention']:.3f})")
 
     def line(self, text: str) -> None:

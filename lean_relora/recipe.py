@@ -18,6 +18,7 @@ from pathlib import Path
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 OPTIMIZERS = ("paged_adamw8bit", "adamw8bit", "adamw")
 RESETS = ("magnitude", "random", "zero")
+INITS = ("random", "gradient")
 FIDELITIES = ("master", "naive")
 MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
@@ -120,12 +121,16 @@ class ReloraConfig:
     fidelity: str = "master"  # how merges survive requantization: master (fp32 copy off the GPU) | naive
     master: str = "ram"  # where the fp32 masters live: ram (host RAM, 4 bytes/weight) | disk (RUN_DIR/master, memory-mapped: host RAM holds one layer during a merge)
     check_ranks: bool = False  # with several ranks (torchrun): after each merge compare every stored base across the ranks by sha256 and stop on a difference (a debug check; copies each base to host RAM once per restart)
+    init: str = "random"  # each cycle's A: random (Kaiming-uniform) | gradient (top-r right singular vectors of the layer's weight gradient, at every restart and when ReLoRA follows a warm start; gradinit.py)
+    init_batches: int = 4  # micro-batches of the data order the gradient init consumes; each goes forward/backward twice, counted in the run's tokens
 
     def __post_init__(self):
         _positive(self, "restart_every")
         _choice(self, "reset", RESETS)
         _choice(self, "fidelity", FIDELITIES)
         _choice(self, "master", MASTER_STORES)
+        _choice(self, "init", INITS)
+        _positive(self, "init_batches")
         if self.restart_warmup_steps < 0 or self.warm_start_steps < 0:
             raise _rule(self, "restart_warmup_steps", "must be >= 0")
         if self.restart_warmup_steps >= self.restart_every:

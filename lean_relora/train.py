@@ -21,7 +21,7 @@ from rich.console import Console
 from torch import nn
 from transformers import PretrainedConfig
 
-from lean_relora import checkpoint, merges
+from lean_relora import checkpoint, gradinit, merges
 from lean_relora.data import build_data, document_positions
 from lean_relora.distributed import SOLO, Ranks, join, resume_refusal
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
@@ -169,12 +169,15 @@ def restart(run: Run) -> dict:
     relora = run.recipe.relora
     reset_state(run.optimizer, lora_parameters(run.model), relora.reset, relora.reset_ratio, run.generator)
     run.state.restarts += 1
+    init = {}
+    if relora.init == "gradient":  # after the merge: the gradient of the function the new cycle starts from
+        init = gradient_init(run)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     terms = [layer.base.probe.terms() for layer in relora_layers(run.model)]
     retention = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
-    record = {"step": run.state.step, "restart": run.state.restarts, "merge_seconds": time.perf_counter() - start,
-              "retention": retention}
+    record = {"step": run.state.step, "restart": run.state.restarts, "retention": retention, **init,
+              "merge_seconds": time.perf_counter() - start - init.get("init_seconds", 0.0)}
     if run.ranks.several and run.recipe.relora.check_ranks:
         record["bases_sha256"] = run.ranks.check_identical(relora_layers(run.model))
     return record
@@ -229,6 +232,14 @@ def micro_batch_loss(run: Run, ids: torch.Tensor, model: nn.Module | None = None
                           position_ids=position_ids(run, ids))
 
 
+def gradient_init(run: Run) -> dict:
+    """relora.init = "gradient": each layer's A from its weight gradient under the step's own loss (gradinit.py)."""
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        with autocast_context(run.recipe, run.device):
+            return micro_batch_loss(run, ids)
+    return gradinit.reinit_from_gradient(run, loss_of)
+
+
 def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
     """Per-document positions where the recipe keeps attention within documents; None: the model's own 0..L-1."""
     return document_positions(ids, run.data.eos_token_id) if run.recipe.data.document_mask else None
@@ -273,6 +284,8 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     ranks = join()
+    if ranks.several and recipe.relora.init == "gradient":  # each rank would sketch its own micro-batches
+        raise RecipeError('relora.init = "gradient": not yet supported with several ranks; use "random" with --nproc')
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
     found = _check_resume(recipe, run_dir, resume, force, ranks.size) if resume is not None else None
     check_sinks(recipe.log)  # a missing optional library is bad input: refused before the costly setup
@@ -302,6 +315,10 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
         if state.step == recipe.relora.warm_start_steps and recipe.relora.warm_start_steps > 0:
             start_relora(run)
             reporter.line(f"step {state.step}: full-rank warm start done, ReLoRA begins")
+            if recipe.relora.init == "gradient":
+                init = gradient_init(run)
+                reporter.line(f"step {state.step}: A from the gradient ({init['init_tokens']:,} tokens, "
+                              f"{init['init_seconds']:.2f} s)")
         elif schedule.is_restart(state.step):
             if ranks.is_main:  # what report --spectrum sums, whatever checkpoints remain
                 merges.save(run.model, run_dir, state.step)
