@@ -53,7 +53,7 @@ def test_gradient_checkpointing_finds_the_same_factors(tiny_llama):
     wrap_model(model, LoraConfig(rank=4, quant="none"), keep_master=False, dtype=torch.float32,
                generator=torch.Generator().manual_seed(0))
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable({"use_reentrant": False})  # the name transformers 5 keeps
     ids = torch.randint(0, 128, (2, 3, 16), generator=torch.Generator().manual_seed(2))
     for net in (model, checkpointed):
         net.train()
