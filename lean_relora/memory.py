@@ -105,15 +105,14 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
     norms = (2 * layers + 1) * h
     embeddings = head * (1 if m.tie_embeddings else 2)
     if relora:  # as set_trainable decides: a tied lm_head is the embedding and trains with it
-        head_trains = lora.train_embeddings if m.tie_embeddings else lora.train_lm_head
-        full_rank = head * lora.train_embeddings + head * head_trains * (not m.tie_embeddings)
+        lm_head_trains = lora.train_embeddings if m.tie_embeddings else lora.train_lm_head
+        full_rank = head * lora.train_embeddings + head * lm_head_trains * (not m.tie_embeddings)
         full_rank += norms * lora.train_norms
         trainable = [full_rank] + [r * (o + i) for o, i in shapes]
     else:
-        head_trains, full_rank = True, embeddings + norms
+        lm_head_trains, full_rank = True, embeddings + norms
         trainable = [full_rank] + [o * i for o, i in shapes]
     accumulating = recipe.train.grad_accum_steps > 1
-    lm_head_trains = not relora or head_trains
     out = {
         "frozen base (stored)": sum(base_bytes(o * i, o, lora.quant, lora.blocksize, lora.double_quant, w)
                                     for o, i in shapes) if relora else 0,

@@ -257,10 +257,8 @@ def evaluate(run: Run) -> float:
             loss = micro_batch_loss(run, ids)
             losses.append(loss.float().item())
     run.model.train()
-    if ranks.several:
-        total, count = ranks.sum(sum(losses), len(losses))
-        return total / count
-    return sum(losses) / len(losses)
+    total, count = ranks.sum(sum(losses), len(losses))  # one process: the sums as they are
+    return total / count
 
 
 def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None, resume: str | Path | None = None,
