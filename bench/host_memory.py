@@ -86,6 +86,7 @@ def measured_run(model_dir: Path, steps: int) -> dict:
 
     from lean_relora.recipe import load_recipe
     from lean_relora.train import restart, setup, train_step
+    from process_memory import beyond_tensors
 
     torch.set_num_threads(2)
     recipe = load_recipe(RECIPE, overrides(model_dir, steps))
@@ -108,6 +109,7 @@ def measured_run(model_dir: Path, steps: int) -> dict:
             train_step(run)
             marks["current RSS"].append((f"step {step + 1}", current_rss()))
         marks["training and restarts"], marks["merge seconds"] = rss(), merges
+        marks["at rest: RSS, live tensors, the process beyond them"] = beyond_tensors()
         marks["peak RSS by phase"] = list(sampler.stop().items())
         marks["step seconds"] = (time.perf_counter() - start - marks["setup seconds"] - sum(merges)) / steps
     return marks
@@ -141,6 +143,9 @@ def main() -> None:
             ("measured peak RSS after setup (streamed load)", marks["setup"]),
             ("measured peak RSS, whole run", peak), ("memory-estimate host peak", predicted.peak)]
     rows += [(f"  sampled peak: {phase}", value) for phase, value in marks["peak RSS by phase"]]
+    at_rest, tensors, beyond = marks["at rest: RSS, live tensors, the process beyond them"]
+    rows += [("at rest after the last step: RSS", at_rest), ("  live tensors", tensors),
+             ("  the process beyond them", beyond), ("  memory-estimate's process row", predicted.process)]
     for name, value in rows:
         print(f"{name:48s} {value / GIB:8.3f} GiB")
     print(f"measured / estimated {peak / predicted.peak:.3f}; measured / bf16 model {peak / bf16:.3f}; "

@@ -1,7 +1,8 @@
 """Peak host RAM of a recipe, by phase: loading the model, training, and a merge at a restart.
 
 What lives in host RAM beside the GPU (names as in the table memory-estimate prints):
-    process      the interpreter with torch, transformers, datasets and bitsandbytes loaded (measured: 0.46 GiB)
+    process      the interpreter with torch, transformers, datasets and bitsandbytes loaded, the data pipeline and
+                 what the first steps bring in (measured: 0.52 GiB beyond the tensors)
     masters      the fp32 masters in RAM (relora.master = "ram"): 4 bytes per base weight; on disk: none
     setup        a pretrained local safetensors model streamed into ReLoRA form (load.py): one dense layer and its
                  fp32 copy at a time; otherwise (random init, a warm start, a hub model) the whole dense model
@@ -26,7 +27,10 @@ try:
 except (OSError, AttributeError):
     _LIBC = None
 
-PROCESS_BYTES = 466 * 2**20  # ru_maxrss after importing lean_relora.train, cli, memory, datasets, bitsandbytes
+# A training process beyond its tensors: the interpreter and libraries (466 MiB right after the imports), plus the
+# data pipeline, the tokenizer and the code pages and kernel caches of the first steps (`bench/process_memory.py`:
+# the tiny recipe's RSS after setup and 3 steps, minus its live tensors).
+PROCESS_BYTES = 533 * 2**20
 # bitsandbytes' CPU 8-bit AdamW updates a tensor through fp32 copies of it, its gradient and both moments: measured
 # 26 bytes per element stepped at once (a whole 32128 x 2048 embedding: +1.6 GiB; optim.SlicedAdamW8bit steps at most
 # a million elements at a time). CUDA's kernel is fused.
