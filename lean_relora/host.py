@@ -10,6 +10,7 @@ What lives in host RAM beside the GPU (names as in the table memory-estimate pri
                  weight of the largest layer
     device       on a CPU the "device" is host RAM too: the training step's peak (with bnb's CPU 8-bit AdamW, which
                  steps a tensor through fp32 copies), or at a merge the model and optimizer state
+    offloaded    on a GPU with train.offload_activations, the activations a step keeps in pinned host RAM
 """
 
 from __future__ import annotations
@@ -66,11 +67,12 @@ class HostRam:
 
 
 def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device_step_peak: int,
-             device_resident: int, largest_trainable: int = 0, gradients: int = 0) -> HostRam:
+             device_resident: int, largest_trainable: int = 0, gradients: int = 0, offloaded: int = 0) -> HostRam:
     """`target_numels`: weights of each ReLoRA target; `other_params`: every other weight of the model;
     `device_step_peak`: the traced peak of a training step; `device_resident`: the model and optimizer bytes on the
     device between steps (used when the device is the CPU); `largest_trainable`: elements of the largest tensor the
-    optimizer updates; `gradients`: bytes of all gradients at once."""
+    optimizer updates; `gradients`: bytes of all gradients at once; `offloaded`: activations a GPU step keeps in
+    host RAM (train.offload_activations)."""
     weight = 2 if recipe.model.dtype == "bf16" else 4
     keeps_master = recipe.keeps_master
     on_cpu = recipe.train.device == "cpu"
@@ -87,7 +89,7 @@ def host_ram(recipe: Recipe, target_numels: list[int], other_params: int, device
     # The optimizer step comes when every gradient exists: with few tokens per step (a CPU run) that moment, not the
     # start of backward that the GPU-shaped step peak describes, can be the highest.
     step = max(device_step_peak, device_resident + gradients)
-    training = step + (CPU_8BIT_STEP_BYTES * stepped_at_once if cpu_8bit else 0) if on_cpu else 0
+    training = step + (CPU_8BIT_STEP_BYTES * stepped_at_once if cpu_8bit else 0) if on_cpu else offloaded
     merge = 2 * 4 * largest * on_disk + (device_resident if on_cpu else 0)
     return HostRam(PROCESS_BYTES, masters, setup, training, merge)
 

@@ -133,7 +133,9 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         # The last block is recomputed after the loss buffers are freed: only what it needs beyond them counts,
         # its saved tensors plus the gradients its backward holds at once (about two of width f and two of h).
         recompute = tokens * (per_layer + 2 * a * (f + h))
-        out["activations"] = tokens * layers * w * h + max(0, recompute - loss_buffers)
+        # Offloaded (train.offload_activations), the block inputs wait in host RAM; one is back while it is used.
+        kept = 1 if recipe.train.offloads else layers
+        out["activations"] = tokens * kept * w * h + max(0, recompute - loss_buffers)
     else:
         out["activations"] = tokens * layers * per_layer
         # Once the loss is small (chunked), the last block's backward, with the gradients of its MLP and attention
@@ -238,13 +240,24 @@ def host_estimate(recipe: Recipe, vocab: int, nproc: int = 1) -> HostRam:
     largest = max(max(o * i for o, i in shapes) if recipe.relora.warm_start_steps else 0,
                   embedding if recipe.lora.train_embeddings or recipe.lora.train_lm_head else 0,
                   max(recipe.lora.rank * max(o, i) for o, i in shapes))
+    offloaded = offloaded_bytes(recipe) if recipe.train.offloads else 0
     host = host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), largest,
-                    relora["trainable weights"])
+                    relora["trainable weights"], offloaded)
     if nproc > 1 and host.masters:
         owners = Ranks(0, nproc).owners([o * i for o, i in shapes])
         share = max(sum(4 * o * i for (o, i), rank in zip(shapes, owners) if rank == r) for r in range(nproc))
         host = replace(host, masters=share, masters_total=host.masters)
     return host
+
+
+def offloaded_bytes(recipe: Recipe) -> int:
+    """Host bytes train.offload_activations holds at the start of backward: every block's input and the final
+    hidden states the loss keeps, in the model's dtype, and what the final RMSNorm saves (two fp32 tensors and one
+    in the model's dtype; tests/test_offload.py counts them)."""
+    m = recipe.model
+    w = 2 if m.dtype == "bf16" else 4
+    tokens = recipe.train.micro_batch_size * recipe.data.seq_len
+    return tokens * m.hidden_size * (w * (m.num_layers + 2) + 8)
 
 
 def host_refusal(recipe: Recipe, available: int, nproc: int = 1) -> str | None:

@@ -23,7 +23,8 @@ FIDELITIES = ("master", "naive")
 MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
 # Fields a resumed run may change: how long, where and how much is reported, not what is trained.
-RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "train.loss_chunk_tokens", "relora.master",
+RESUME_SAFE = ("train.max_steps", "train.device", "train.threads", "train.loss_chunk_tokens",
+               "train.offload_activations", "relora.master",
                "relora.check_ranks", "eval.every", "eval.batches",
                "log.every", "log.tensorboard", "log.wandb", "checkpoint.every", "checkpoint.keep_last",
                "checkpoint.max_bad_steps")
@@ -175,6 +176,16 @@ class TrainConfig:
     autocast: str = "auto"  # bf16 autocast: auto (on CUDA with bf16 support) | bf16 | none
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     loss_chunk_tokens: int = 1024  # tokens whose logits the loss holds at once (recomputed in backward); 0 = HF's loss, all logits
+    # On a GPU, keep what gradient checkpointing saves (each block's input, layers x tokens x hidden x 2 bytes) in
+    # pinned host RAM between forward and backward: that much less GPU memory, as much more host RAM, and twice
+    # that many bytes over PCIe per micro-batch (offload.py)
+    offload_activations: bool = False
+
+    @property
+    def offloads(self) -> bool:
+        """Whether activations are offloaded: on a CPU they are in host RAM already (offload_activations is then
+        ignored, so a GPU recipe runs unchanged with --set train.device=cpu)."""
+        return self.offload_activations and self.device != "cpu"
 
     def __post_init__(self):
         _positive(self, "max_steps", "micro_batch_size", "grad_accum_steps")
@@ -251,6 +262,9 @@ class Recipe:
                 f"data.seq_len = {self.data.seq_len}: must be <= model.max_position_embeddings "
                 f"({self.model.max_position_embeddings})"
             )
+        if self.train.offload_activations and not self.model.gradient_checkpointing:
+            raise RecipeError("train.offload_activations = true offloads what gradient checkpointing keeps: set "
+                              "model.gradient_checkpointing = true")
         if self.relora.warm_start_steps > self.train.max_steps:
             raise RecipeError(
                 f"relora.warm_start_steps = {self.relora.warm_start_steps}: must be <= train.max_steps ({self.train.max_steps}); "

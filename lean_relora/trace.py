@@ -21,6 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lean_relora.loss import causal_lm_loss
 from lean_relora.model import DTYPES, architecture, build_model
+from lean_relora.offload import offloading
 from lean_relora.optim import build_optimizer
 from lean_relora.quant import quant_state_tensors
 from lean_relora.recipe import Recipe
@@ -40,6 +41,8 @@ class LiveBytes(TorchDispatchMode):
             self._add(tensor)
 
     def _add(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":  # data that lives nowhere (run_step's offloaded activations)
+            return
         storage = tensor.untyped_storage()
         if storage in self.sizes:
             return
@@ -80,11 +83,14 @@ class Trace:
     micro_batch_size: int
 
 
-def run_step(model, optimizer, batches: list[torch.Tensor], autocast: bool, loss_chunk_tokens: int) -> None:
-    """A training step as train.train_step does it: micro-batches, accumulated gradients, optimizer step."""
+def run_step(model, optimizer, batches: list[torch.Tensor], autocast: bool, loss_chunk_tokens: int,
+             offload: bool = False) -> None:
+    """A training step as train.train_step does it: micro-batches, accumulated gradients, optimizer step. The
+    offloaded activations go to the meta device, which LiveBytes does not count (the trace's CPU is the GPU)."""
     for ids in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
-            loss = causal_lm_loss(model, ids, loss_chunk_tokens)
+            with offloading(offload, host=torch.device("meta")):
+                loss = causal_lm_loss(model, ids, loss_chunk_tokens)
         (loss / len(batches)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -130,7 +136,8 @@ def trace(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch_si
             optimizer.step()
             optimizer.zero_grad(set_to_none=recipe.train.grad_accum_steps == 1)
             tracker.reset_peak()
-            run_step(model, optimizer, [ids], autocast, recipe.train.loss_chunk_tokens)
+            run_step(model, optimizer, [ids], autocast, recipe.train.loss_chunk_tokens,
+                     recipe.train.offloads and fake)  # real tensors cannot come back from meta
         optimizer_bytes = sum(t.untyped_storage().nbytes() for state in optimizer.state.values()
                               for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 256)
         model_bytes = sum(t.untyped_storage().nbytes() for t in model_tensors(model))

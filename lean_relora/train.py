@@ -27,6 +27,7 @@ from lean_relora.distributed import SOLO, Ranks, join, resume_refusal
 from lean_relora.master import MASTER_DIR, DiskMaster, DiskMasters
 from lean_relora.host import map_large_allocations, release_freed_memory
 from lean_relora.loss import causal_lm_loss, output_head
+from lean_relora.offload import offloading
 from lean_relora.load import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.optim import build_optimizer, optimizer_params, reset_state, set_lr
@@ -228,8 +229,9 @@ def train_step(run: Run) -> float:
 def micro_batch_loss(run: Run, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
     """The mean next-token loss of one micro-batch, as training and evaluation compute it (train.loss_chunk_tokens);
     `model`: run.model as DDP hands it over (run.ddp's forward is this function)."""
-    return causal_lm_loss(model or run.model, ids, run.recipe.train.loss_chunk_tokens,
-                          position_ids=position_ids(run, ids))
+    with offloading(run.recipe.train.offloads and run.device.type == "cuda"):
+        return causal_lm_loss(model or run.model, ids, run.recipe.train.loss_chunk_tokens,
+                              position_ids=position_ids(run, ids))
 
 
 def gradient_init(run: Run) -> dict:

@@ -140,3 +140,28 @@ def test_memory_estimate_is_within_10_percent_of_the_cuda_peak(quant):
     vocab = 4096
     measured = measure(recipe, vocab, "cuda", timed_steps=1)
     assert measured.peak == pytest.approx(trace(recipe, vocab).peak, rel=0.10)
+
+
+def test_offloaded_activations_go_to_pinned_host_memory_and_leave_the_gradients_unchanged():
+    from test_offload import checkpointed_llama, gradients
+
+    from lean_relora.offload import OffloadSaved
+
+    model = checkpointed_llama().cuda()
+    ids = torch.randint(0, 128, (2, 32), device="cuda")
+    plain = gradients(model, ids)
+    pinned = []
+    hooks = OffloadSaved(min_bytes=2 * 32 * 64 * 4)
+    pack = hooks.pack_hook
+
+    def spy(tensor):
+        packed = pack(tensor)
+        if not isinstance(packed, torch.Tensor):
+            pinned.append(packed[1].is_pinned() and packed[1].device.type == "cpu")
+        return packed
+    hooks.pack_hook = spy
+    offloaded = gradients(model, ids, hooks)
+    torch.cuda.synchronize()
+    assert pinned and all(pinned)
+    for a, b in zip(plain, offloaded):
+        assert torch.equal(a, b)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from lean_relora.cli import app
 from lean_relora.memory import (CUDA_CONTEXT_BYTES, GIB, analytic, base_bytes, estimate, gpu_need, host_refusal,
-                                refusal)
+                                recipe_vocab_size, refusal)
 from lean_relora.recipe import load_recipe
 from lean_relora.relora import target_modules
 from lean_relora.trace import trace
@@ -80,6 +80,15 @@ def test_1b3_recipe_fits_a_12_gb_card_warm_start_included_and_its_relora_cycles_
     assert data["need"] <= 10 * GIB
     relora = next(p for p in data["phases"] if p["name"] == "ReLoRA")
     assert gpu_need(relora["traced"]["peak"]) <= 4 * GIB
+
+
+def test_1b3_relora_peak_is_1_3_gib_below_hugging_face_s_loss_with_every_activation_on_the_gpu():
+    # As the recipe ships (chunked loss, checkpointed activations in host RAM) against the same recipe as it was
+    # before: every logit of a micro-batch and every block input on the GPU.
+    shipped = load_recipe("recipes/1b3_12gb.toml")
+    before = load_recipe("recipes/1b3_12gb.toml", ["train.loss_chunk_tokens=0", "train.offload_activations=false"])
+    vocab = recipe_vocab_size(shipped)
+    assert trace(before, vocab).peak - trace(shipped, vocab).peak >= 1.3 * GIB
 
 
 @pytest.mark.parametrize("args,message", [
