@@ -135,7 +135,9 @@ def main() -> None:
     recipe = with_model_sizes(recipe)  # the saved model's sizes, as memory-estimate takes them
     predicted = host_estimate(recipe, recipe.model.vocab_size)
     child = subprocess.run([sys.executable, __file__, "--measure", "--model-dir", str(args.model_dir),
-                            "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+                            "--steps", str(args.steps)], capture_output=True, text=True)
+    if child.returncode:
+        sys.exit(f"the measured run failed:\n{child.stderr[-3000:]}")
     marks = json.loads(child.stdout.strip().splitlines()[-1])
     bf16 = sum(f.stat().st_size for f in args.model_dir.glob("*.safetensors"))
     peak = marks["training and restarts"]
