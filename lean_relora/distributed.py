@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lean_relora.host import release_freed_memory
-from lean_relora.outcome import STOPPED
+from lean_relora.exitcodes import STOPPED
 from lean_relora.recipe import Recipe
 from lean_relora.relora import ReLoRALinear, merge_all, relora_layers
 

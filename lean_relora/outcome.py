@@ -20,7 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-DONE, FAILED, BAD_INPUT, STOPPED, ABORTED = 0, 1, 2, 75, 130
+from lean_relora.exitcodes import ABORTED, BAD_INPUT, DONE, FAILED, STOPPED  # noqa: F401 (the command line's names)
+
 ERROR_LOG = "error.log"  # in the run directory, when the failing command has one
 
 
