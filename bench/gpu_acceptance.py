@@ -7,7 +7,8 @@ what it costs, in under 10 minutes on an H100-class GPU. It prints one table per
       beside memory-estimate's traced and analytic peaks, and their ratio;
   (b) throughput: tokens/s of lean-relora vs PEFT QLoRA vs full-rank bf16 + 8-bit AdamW at equal settings (same
       model, rank, targets, micro-batch, autocast; LoRA factors alone train in both LoRA variants), steps
-      interleaved in one process, as ratios;
+      interleaved in one process, as ratios; on CUDA also lean-relora with its checkpointed activations in host
+      RAM (train.offload_activations), which the 1.3B and 7B recipes turn on;
   (c) restarts: seconds per merge (every layer: fp32 master -> merge -> requantize) and its share of a cycle of the
       recipe (restart_every steps at the recipe's full gradient accumulation);
   (d) the `pytest -m cuda` result.
@@ -42,6 +43,7 @@ from lean_relora.model import build_model
 from lean_relora.recipe import Recipe, load_recipe
 from lean_relora.relora import target_modules
 from lean_relora.trace import trace
+from lean_relora.offload import offloading
 from lean_relora.train import autocast_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,11 +138,11 @@ def eight_bit_adamw(model, device: str, lr: float):
     return cls([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-def timed_step(model, optimizer, ids, recipe: Recipe, device: str) -> float:
+def timed_step(model, optimizer, ids, recipe: Recipe, device: str, offload: bool = False) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with autocast_context(recipe, torch.device(device)):
+    with autocast_context(recipe, torch.device(device)), offloading(offload):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
@@ -157,6 +159,8 @@ def throughput_part(shape: str, device: str, rounds: int, console: Console) -> d
     vocab = recipe_vocab_size(recipe)
     variants = {"lean-relora": relora_run(recipe, vocab, torch.device(device))}
     variants["lean-relora"] = (variants["lean-relora"].model, variants["lean-relora"].optimizer)
+    if device == "cuda" and recipe.model.gradient_checkpointing:  # what train.offload_activations costs in time
+        variants["lean-relora, activations offloaded"] = (*variants["lean-relora"], True)
     try:
         model = peft_qlora(recipe, vocab, device)
         variants["PEFT QLoRA"] = (model, eight_bit_adamw(model, device, recipe.optim.lr))
@@ -168,13 +172,14 @@ def throughput_part(shape: str, device: str, rounds: int, console: Console) -> d
         dense, eight_bit_adamw(dense, device, recipe.optim.lr))
     ids = torch.randint(0, vocab, (recipe.train.micro_batch_size, recipe.data.seq_len), device=device)
     times = {name: [] for name in variants}
-    for model, optimizer in variants.values():  # warm up kernels and the allocator
+    for model, optimizer, *_ in variants.values():  # warm up kernels and the allocator
         for _ in range(2):
             timed_step(model, optimizer, ids, recipe, device)
     names = list(variants)
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # no variant always goes first
-            times[name].append(timed_step(*variants[name], ids, recipe, device))
+            model, optimizer, *offload = variants[name]
+            times[name].append(timed_step(model, optimizer, ids, recipe, device, *offload))
     tokens = ids.numel()
     speed = {name: tokens / statistics.median(t) for name, t in times.items()}
     peer = speed.get("PEFT QLoRA")
@@ -183,7 +188,7 @@ def throughput_part(shape: str, device: str, rounds: int, console: Console) -> d
     for column in ("variant", "tokens/s", "vs PEFT QLoRA", "trainable params"):
         table.add_column(column, justify="right")
     out = {}
-    for name, (model, _) in variants.items():
+    for name, (model, *_) in variants.items():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ratio = speed[name] / peer if peer else None
         out[name] = {"tokens_per_s": speed[name], "ratio_to_peft": ratio, "trainable": trainable}
