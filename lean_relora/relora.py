@@ -60,6 +60,8 @@ class ReLoRALinear(nn.Module):
         # the weight), and `base(x) + s * lora` would hold four output-wide tensors at once instead of two. In a
         # 1.3B block's MLP that is 85 MiB less at the moment gradient checkpointing recomputes it.
         out = self.base(x)
+        if out._base is not None:  # a view (bnb's 4-bit matmul or the int8 layer, with a bias): autograd forbids it
+            return torch.add(out, lora.to(out.dtype), alpha=self.scale)
         return out.add_(lora.to(out.dtype), alpha=self.scale)
 
     @torch.no_grad()

@@ -35,6 +35,25 @@ def test_forward_equals_base_plus_scaled_low_rank_update(quant):
 
 
 @pytest.mark.parametrize("quant", QUANTS)
+def test_with_a_bias_and_batched_inputs_forward_and_gradients_follow_the_dense_formula(quant):
+    # The LoRA product is added into the base's output in place where autograd allows it; with a bias, bnb's 4-bit
+    # matmul and the int8 layer return a view, where it does not (GPT-2's projections all have one).
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(64, generator=g)
+    layer = ReLoRALinear(FrozenBase(weight(), bias, quant, dtype=torch.float32), rank=4, alpha=8,
+                         dtype=torch.float32, generator=g)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+    x = torch.randn(2, 3, 128, generator=g, requires_grad=True)
+    dense = (layer.base.dequantize() + layer.scale * layer.lora_B @ layer.lora_A).detach()
+    y = layer(x)
+    torch.testing.assert_close(y, x @ dense.t() + layer.base.bias.float(), rtol=1e-3, atol=1e-4)
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * y.detach() @ dense, rtol=1e-3, atol=1e-4)
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("quant", QUANTS)
 def test_fresh_layer_computes_the_base_alone_and_both_factors_get_gradients(quant):
     layer = ReLoRALinear(FrozenBase(weight(), None, quant, dtype=torch.float32), rank=4, alpha=8,
                          dtype=torch.float32)
