@@ -44,7 +44,7 @@ from lean_relora.recipe import Recipe, load_recipe
 from lean_relora.relora import target_modules
 from lean_relora.trace import trace
 from lean_relora.offload import offloading
-from lean_relora.train import autocast_context
+from lean_relora.step import autocast_context
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"tiny": "tiny_cpu.toml", "350M": "350m_12gb.toml", "1.3B": "1b3_12gb.toml"}

@@ -85,7 +85,8 @@ def measured_run(model_dir: Path, steps: int) -> dict:
     import torch
 
     from lean_relora.recipe import load_recipe
-    from lean_relora.train import restart, setup, train_step
+    from lean_relora.step import train_step
+    from lean_relora.train import restart, setup
     from process_memory import beyond_tensors
 
     torch.set_num_threads(2)

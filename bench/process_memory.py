@@ -58,7 +58,8 @@ def measured(steps: int) -> dict:
 
     from lean_relora import cli, memory  # noqa: F401 (what the CLI process imports)
     from lean_relora.recipe import load_recipe
-    from lean_relora.train import setup, train_step
+    from lean_relora.step import train_step
+    from lean_relora.train import setup
 
     imports = rss()
     torch.set_num_threads(2)

@@ -146,7 +146,7 @@ def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None, nproc:
 
     from lean_relora.host import available_bytes
     from lean_relora.memory import VocabUnknown, host_refusal, recipe_vocab_size, refusal
-    from lean_relora.train import resolve_device
+    from lean_relora.step import resolve_device
 
     if checkpoint is not None and recipe.model.pretrained and not Path(recipe.model.pretrained).is_dir():
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained=str(checkpoint)))

@@ -31,7 +31,7 @@ from lean_relora.relora import ReLoRALinear
 from lean_relora.shards import ShardWriter
 from lean_relora.tokenizer import SAVED, saved_tokenizer, tokenizer_name
 from lean_relora.trained import Trained, load_trained
-from lean_relora.train import autocast_context, resolve_device
+from lean_relora.step import autocast_context, resolve_device
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP16_MAX = 65504.0

@@ -20,7 +20,8 @@ from lean_relora.recipe import Recipe
 from lean_relora.schedule import JaggedCosine
 from lean_relora.state import Run, TrainState
 from lean_relora.trace import LiveBytes, model_tensors
-from lean_relora.train import restart, start_relora, train_step
+from lean_relora.step import train_step
+from lean_relora.train import restart, start_relora
 
 
 class RandomTokens:

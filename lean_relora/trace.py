@@ -85,7 +85,7 @@ class Trace:
 
 def run_step(model, optimizer, batches: list[torch.Tensor], autocast: bool, loss_chunk_tokens: int,
              offload: bool = False) -> None:
-    """A training step as train.train_step does it: micro-batches, accumulated gradients, optimizer step. The
+    """A training step as step.train_step does it: micro-batches, accumulated gradients, optimizer step. The
     offloaded activations go to the meta device, which LiveBytes does not count (the trace's CPU is the GPU)."""
     for ids in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():

@@ -22,7 +22,8 @@ from lean_relora.optim import optimizer_state
 from lean_relora.progress import Reporter
 from lean_relora.recipe import CheckpointConfig, load_recipe
 from lean_relora.relora import relora_layers
-from lean_relora.train import TrainingDiverged, restart, setup, train, train_step
+from lean_relora.step import train_step
+from lean_relora.train import TrainingDiverged, restart, setup, train
 from test_train import run_dir, tiny_recipe, tokenizer_cache  # noqa: F401  (tokenizer_cache is a fixture)
 
 

@@ -25,7 +25,8 @@ from lean_relora.prepare import _write_split, prepare_data
 from lean_relora.progress import Reporter
 from lean_relora.recipe import DataConfig
 from lean_relora.tokenizer import _train_bpe
-from lean_relora.train import _resume, setup, train, train_step
+from lean_relora.step import train_step
+from lean_relora.train import _resume, setup, train
 from test_cli import invoke
 from test_data import expected_stream, marker_docs, texts, write_jsonl
 from test_train import tiny_recipe

@@ -15,7 +15,8 @@ from lean_relora.recipe import (CheckpointConfig, DataConfig, EvalConfig, LogCon
                                 ReloraConfig, TrainConfig)
 from lean_relora import checkpoint, loss
 from lean_relora.relora import relora_layers
-from lean_relora.train import evaluate, setup, train, train_step
+from lean_relora.step import evaluate, train_step
+from lean_relora.train import setup, train
 
 
 def tiny_recipe(quant="nf4", steps=20, warm_start=0, restart_every=7, **train_kw) -> Recipe:
