@@ -31,15 +31,15 @@ class OffloadSaved(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, host: torch.device = HOST, min_bytes: int = MIN_BYTES):
         self.host, self.min_bytes, self.offloaded = host, min_bytes, 0
-        pin = host.type == "cpu" and torch.cuda.is_available()
-        super().__init__(lambda tensor: self._pack(tensor, pin), self._unpack)
+        super().__init__(self._pack, self._unpack)
 
-    def _pack(self, tensor: torch.Tensor, pin: bool):
+    def _pack(self, tensor: torch.Tensor):
         if isinstance(tensor, nn.Parameter) or tensor.untyped_storage().nbytes() < self.min_bytes:
             return tensor
+        pinned = self.host.type == "cpu" and tensor.device.type == "cuda"  # GPU -> host: asynchronous
         copy = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, device=self.host,
-                           pin_memory=pin and tensor.device.type == "cuda")
-        copy.copy_(tensor, non_blocking=pin)
+                           pin_memory=pinned)
+        copy.copy_(tensor, non_blocking=pinned)
         self.offloaded += copy.untyped_storage().nbytes()
         return tensor.device, copy
 

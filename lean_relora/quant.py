@@ -126,9 +126,8 @@ class FrozenBase(nn.Module):
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this base keeps, buffers or not: stored form, quant state, master, retention probe."""
-        tensors = list(self.buffers()) + [self.probe.start, self.probe.now, self.probe.merged]
-        if self.quant_state is not None:
-            tensors += quant_state_tensors(self.quant_state)
+        tensors = self.stored_tensors() + [self.probe.start, self.probe.now, self.probe.merged]
+        tensors += [self.bias] if self.bias is not None else []
         return tensors + ([self.master.read()] if self.master is not None and self.master.in_memory else [])
 
     def extra_state(self, with_master: bool = True) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """One training step and one evaluation of a built run (train.setup): micro-batches, gradient accumulation, the
 loss as training computes it (chunked, activations offloaded), the optimizer step with its NaN/inf skip.
 
-train.py owns the order of events; this module is what each step does, so that measure.py, the memory trace's
-companions and the benchmarks run the very same step.
+train.py owns the order of events; this module is what each step does, so that measure.py and the benchmarks run
+the very same step.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def train_step(run: Run) -> float:
         release_freed_memory()  # the step's activations and gradients were host RAM: give it back, not keep it
     state.step += 1
     return loss
+
+
+def wrap_for_ranks(run: Run):
+    """run.ddp for the model that trains now: DistributedDataParallel over micro_batch_loss; None for one process."""
+    return run.ranks.wrap(run.model, lambda model, ids: micro_batch_loss(run, ids, model))
 
 
 def micro_batch_loss(run: Run, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:

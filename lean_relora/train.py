@@ -34,7 +34,7 @@ from lean_relora.relora import (lora_parameters, relora_layers, set_trainable, t
                                 wrap_model)
 from lean_relora.schedule import JaggedCosine
 from lean_relora.sinks import check_sinks, open_sinks
-from lean_relora.step import evaluate, gradient_init, micro_batch_loss, resolve_device, train_step
+from lean_relora.step import evaluate, gradient_init, resolve_device, train_step, wrap_for_ranks
 from lean_relora.state import Run, TrainState
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None,
     if recipe.relora.warm_start_steps > 0:
         run.model = model.to(device)
         run.optimizer = build_optimizer(run.model, recipe.optim, device)
-        run.ddp = ranks.wrap(run.model, lambda model, ids: micro_batch_loss(run, ids, model))
+        run.ddp = wrap_for_ranks(run)
     else:
         start_relora(run, source)
     return run
@@ -140,7 +140,7 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     if recipe.model.gradient_checkpointing and not recipe.lora.train_embeddings:
         run.model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     run.optimizer = build_optimizer(run.model, recipe.optim, run.device)
-    run.ddp = run.ranks.wrap(run.model, lambda model, ids: micro_batch_loss(run, ids, model))
+    run.ddp = wrap_for_ranks(run)
 
 
 def restart(run: Run) -> dict:

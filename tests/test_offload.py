@@ -1,6 +1,8 @@
 """train.offload_activations: the activations gradient checkpointing keeps wait in host RAM; gradients do not change,
 the blocks' own tensors and the parameters stay, and the traced GPU peak falls by the block inputs."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -27,11 +29,8 @@ def checkpointed_llama() -> LlamaForCausalLM:
 
 def gradients(model, ids, hooks=None) -> list[torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    if hooks is None:
+    with hooks or nullcontext():
         loss = causal_lm_loss(model, ids, chunk_tokens=16)
-    else:
-        with hooks:
-            loss = causal_lm_loss(model, ids, chunk_tokens=16)
     loss.backward()
     return [p.grad.clone() for p in model.parameters()]
 
