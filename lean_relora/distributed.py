@@ -18,6 +18,7 @@ A single process (WORLD_SIZE unset or 1) gets SOLO: no process group, no wrapper
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -110,9 +111,8 @@ class Ranks:
         if not self.several:
             return None
         device = next(model.parameters()).device
-        # Buffers are the frozen bases: identical by construction and after every merge, never re-sent per step.
         return DistributedDataParallel(LossOf(model, loss), device_ids=[device] if device.type == "cuda" else None,
-                                       forward_sync_buffers=False)
+                                       **no_buffer_sync(DistributedDataParallel))
 
     @contextmanager
     def main_first(self):
@@ -179,6 +179,15 @@ class Ranks:
 
 
 SOLO = Ranks()
+
+
+def no_buffer_sync(ddp: type) -> dict[str, bool]:
+    """DDP's argument that stops it re-sending buffers at every forward: the buffers are the frozen bases, identical
+    by construction and after every merge. torch 2.13 names it forward_sync_buffers and deprecates broadcast_buffers;
+    earlier releases (2.11 on our GPU machine) know only broadcast_buffers."""
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class LossOf(nn.Module):

@@ -93,13 +93,18 @@ def prepare_model(model: PreTrainedModel, cfg: ModelConfig, vocab_size: int, seq
                               f"({model.get_input_embeddings().num_embeddings}); use the model's own tokenizer")
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        # transformers 5 renamed it (the old name warns); older releases, which pyproject allows, have only the old one
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant gradient checkpointing of every block, by whichever name this transformers has: newer releases
+    call it `activation_checkpointing_enable` (the old name warns there); 5.17 and older have only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _located(name: str) -> dict:

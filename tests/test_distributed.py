@@ -1,6 +1,7 @@
 """Data parallelism on 2 real CPU processes (gloo): the sharded masters and their merge in processes spawned here,
 and whole runs started through `lean-relora train --nproc 2` (torchrun), compared with one process."""
 
+import inspect
 import json
 import os
 import shutil
@@ -240,3 +241,15 @@ def test_memory_estimate_per_gpu_and_per_host_for_several_ranks():
     assert four.host_per_host == 4 * (four.host.peak - four.host.masters) + masters
     code, output = invoke("memory-estimate", "--nproc", "4")  # the tiny default recipe: quick to trace
     assert code == 0 and "each of 4 GPUs" in output and "peak of the host (4 ranks on it)" in output, output
+
+
+def test_ddp_is_told_not_to_sync_buffers_by_the_name_its_torch_knows():
+    class DDPOfTorch211:  # torch <= 2.12: no forward_sync_buffers (passing it raises TypeError on every rank)
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, bucket_cap_mb=None):
+            pass
+
+    assert distributed.no_buffer_sync(DDPOfTorch211) == {"broadcast_buffers": False}
+    DDPOfTorch211(None, **distributed.no_buffer_sync(DDPOfTorch211))
+    here = distributed.no_buffer_sync(torch.nn.parallel.DistributedDataParallel)
+    has_new_name = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    assert here == ({"forward_sync_buffers": False} if has_new_name else {"broadcast_buffers": False})

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lean_relora.gradinit import KAIMING_ROW_NORM, init_from_gradient
+from lean_relora.model import enable_checkpointing
 from lean_relora.quant import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError, ReloraConfig
 from lean_relora.relora import ReLoRALinear, relora_layers, wrap_model
@@ -57,7 +58,7 @@ def test_gradient_checkpointing_finds_the_same_factors(tiny_llama):
     wrap_model(model, LoraConfig(rank=4, quant="none"), keep_master=False, dtype=torch.float32,
                generator=torch.Generator().manual_seed(0))
     checkpointed = copy.deepcopy(model)
-    checkpointed.activation_checkpointing_enable({"use_reentrant": False})  # the name transformers 5 keeps
+    enable_checkpointing(checkpointed)
     ids = torch.randint(0, 128, (2, 3, 16), generator=torch.Generator().manual_seed(2))
     for net in (model, checkpointed):
         net.train()

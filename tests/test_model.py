@@ -1,9 +1,13 @@
 """lean_relora.model: a pretrained model's config read alone (no weights), its sizes, and the model built from it."""
 
-import pytest
-from transformers import AutoModelForCausalLM
+from functools import partial
+from pathlib import Path
 
-from lean_relora.model import build_model, pretrained_config, sizes
+import pytest
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lean_relora.model import build_model, enable_checkpointing, pretrained_config, sizes
 from lean_relora.recipe import ModelConfig, RecipeError
 from tiny_models import CONFIGS, save_tiny_model
 
@@ -29,3 +33,34 @@ def test_a_directory_without_a_model_is_one_line(tmp_path):
         pretrained_config(str(tmp_path))
     assert str(err.value).startswith(f"model.pretrained = '{tmp_path}': its config cannot be read (")
     assert "\n" not in str(err.value)
+
+
+class Transformers517Llama(LlamaForCausalLM):
+    """A LLaMA as transformers 5.17 (the GPU machine's) has it: no `activation_checkpointing_enable`."""
+
+    @property
+    def activation_checkpointing_enable(self):
+        raise AttributeError("activation_checkpointing_enable")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.enabled_with = gradient_checkpointing_kwargs
+        self._set_gradient_checkpointing(True, partial(checkpoint, **gradient_checkpointing_kwargs))
+
+
+@pytest.mark.parametrize("cls", [LlamaForCausalLM, Transformers517Llama])
+def test_checkpointing_is_enabled_by_either_name_transformers_has(cls):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16)
+    model = cls(config)
+    enable_checkpointing(model)
+    assert getattr(model, "enabled_with", {"use_reentrant": False}) == {"use_reentrant": False}
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+def test_no_test_or_module_calls_the_newer_checkpointing_name_directly():
+    # transformers 5.17 lacks it: every caller goes through model.enable_checkpointing (the GPU machine's version)
+    root = Path(__file__).resolve().parent.parent
+    callers = [path.relative_to(root).as_posix() for folder in ("lean_relora", "tests", "bench")
+               for path in (root / folder).rglob("*.py") if ".activation_checkpointing_enable(" in path.read_text()
+               and path.name != "test_model.py"]
+    assert callers == []

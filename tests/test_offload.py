@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lean_relora.loss import causal_lm_loss
 from lean_relora.memory import analytic, offloaded_bytes, recipe_vocab_size
+from lean_relora.model import enable_checkpointing
 from lean_relora.offload import OffloadSaved
 from lean_relora.recipe import RecipeError, load_recipe
 from lean_relora.trace import trace
@@ -23,7 +24,7 @@ def checkpointed_llama() -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, use_cache=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model)
     return model.train()
 
 
