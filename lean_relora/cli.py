@@ -142,8 +142,7 @@ def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None, nproc:
     import dataclasses
     import os
 
-    import torch
-
+    from lean_relora.distributed import free_gpu_bytes, launched
     from lean_relora.host import available_bytes
     from lean_relora.memory import VocabUnknown, host_refusal, recipe_vocab_size, refusal
     from lean_relora.step import resolve_device
@@ -160,8 +159,7 @@ def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None, nproc:
     reason = host_refusal(recipe, available, ranks_here) if available is not None else None
     device = resolve_device(recipe.train.device)
     if reason is None and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        reason = refusal(recipe, free, nproc)
+        reason = refusal(recipe, free_gpu_bytes(device, trains_here=nproc == 1 or launched()), nproc)
     if reason:
         raise UserError(reason)
 

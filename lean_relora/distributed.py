@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -236,6 +238,18 @@ def join() -> Ranks:
             torch.cuda.set_device(local_rank)  # NCCL's collectives use the current device
         dist.init_process_group(BACKEND if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     return Ranks(rank, size, local_rank)
+
+
+def free_gpu_bytes(device: torch.device, trains_here: bool) -> int:
+    """Free bytes of `device`. A process that will not train on it (the launcher of several ranks) asks in a
+    short-lived child process: a CUDA context of its own would hold about 0.5 GiB of GPU 0 for the whole job, beside
+    rank 0's."""
+    if trains_here or torch.cuda.is_initialized():
+        return torch.cuda.mem_get_info(device)[0]
+    index = device.index if device.index is not None else 0
+    ask = "import sys, torch; print(torch.cuda.mem_get_info(int(sys.argv[1]))[0])"
+    done = subprocess.run([sys.executable, "-c", ask, str(index)], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
 
 
 def launch(nproc: int, recipe: Path | None, overrides: list[str], run_dir: Path, max_steps: int | None,

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from lean_relora.model import build_model
+from lean_relora.optim import paged_bytes_held
 from lean_relora.recipe import Recipe
 from lean_relora.schedule import JaggedCosine
 from lean_relora.state import Run, TrainState
 from lean_relora.trace import LiveBytes, model_tensors
 from lean_relora.step import train_step
-from lean_relora.train import restart, start_relora
+from lean_relora.train import restart, start_relora, start_warm
 
 
 class RandomTokens:
@@ -42,21 +43,32 @@ class RandomTokens:
 
 @dataclass
 class Measured:
-    peak_allocated: int  # bytes: torch's peak allocated during one steady-state step (CPU: live tensor bytes)
-    peak_reserved: int | None  # bytes: the caching allocator's peak reservation (CUDA only)
-    paged_bytes: int  # bytes of bnb paged optimizer state (cudaMallocManaged: outside torch's counters)
-    step_seconds: float  # median wall time of an optimizer step
-    merge_seconds: float  # wall time of one restart (merge every layer, re-init, reset the optimizer state)
+    peak_allocated: int
+    """Bytes: torch's peak allocated during one steady-state step, cuBLAS workspaces included (CPU: live tensors)."""
+    peak_reserved: int | None
+    """Bytes: the caching allocator's peak reservation (CUDA only)."""
+    paged_bytes: int
+    """Bytes of this run's bnb paged optimizer state (cudaMallocManaged: outside torch's counters)."""
+    paged_held: int
+    """Bytes of paged state the whole process holds: bnb frees none, so earlier optimizers' state stays too."""
+    workspace_bytes: int | None
+    """Bytes of cuBLAS workspaces torch held after the step (freed to count them; CUDA only, else None)."""
+    step_seconds: float
+    """Median wall time of an optimizer step, seconds."""
+    merge_seconds: float
+    """Wall time of one restart (merge every layer, re-init, reset the optimizer state), seconds."""
     tokens_per_step: int
 
     @property
     def peak(self) -> int:
-        """What memory-estimate's traced peak predicts: torch's peak plus the paged state it counts as GPU memory."""
+        """What memory-estimate predicts as the phase's allocated peak (PhaseEstimate.allocated): torch's peak plus
+        the paged state it counts as GPU memory."""
         return self.peak_allocated + self.paged_bytes
 
 
-def relora_run(recipe: Recipe, vocab_size: int, device: torch.device) -> Run:
-    """The ReLoRA phase of `recipe` on `device`, built as train.setup and start_relora build it, on random tokens."""
+def relora_run(recipe: Recipe, vocab_size: int, device: torch.device, warm_start: bool = False) -> Run:
+    """The ReLoRA phase of `recipe` on `device`, built as train.setup and start_relora build it, on random tokens;
+    with `warm_start`, after one step of the full-rank warm start, as a run with relora.warm_start_steps gets it."""
     torch.manual_seed(recipe.train.seed)
     model = build_model(recipe.model, vocab_size, recipe.data.seq_len)
     r = recipe.relora
@@ -64,6 +76,9 @@ def relora_run(recipe: Recipe, vocab_size: int, device: torch.device) -> Run:
                             r.restart_every, r.restart_warmup_steps, r.warm_start_steps)
     run = Run(recipe, device, RandomTokens(vocab_size, recipe.data.seq_len, recipe.train.seed), model, None,
               schedule, torch.Generator().manual_seed(recipe.train.seed), TrainState())
+    if warm_start:
+        start_warm(run)
+        train_step(run)
     start_relora(run)
     return run
 
@@ -74,6 +89,18 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def paged_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in optimizer_tensors(optimizer) if getattr(t, "is_paged", False))
+
+
+def cublas_workspaces_held(device: torch.device) -> int | None:
+    """Bytes of the cuBLAS workspaces torch holds now, measured by freeing them (torch allocates them again at the
+    next matmul); None where this torch has no way to free them."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    clear()
+    return before - torch.cuda.memory_allocated(device)
 
 
 def measure(recipe: Recipe, vocab_size: int, device: torch.device | str, timed_steps: int = 3) -> Measured:
@@ -90,14 +117,16 @@ def measure(recipe: Recipe, vocab_size: int, device: torch.device | str, timed_s
         train_step(run)
         torch.cuda.synchronize(device)
         allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        workspaces = cublas_workspaces_held(device)
     else:
         with LiveBytes(*model_tensors(run.model), *optimizer_tensors(run.optimizer)) as tracker:
             train_step(run)
-        allocated, reserved = tracker.peak, None
+        allocated, reserved, workspaces = tracker.peak, None, None
     times = []
     for _ in range(timed_steps):
         start = time.perf_counter()
         train_step(run)  # .item() of the loss inside waits for the device
         times.append(time.perf_counter() - start)
     tokens = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * recipe.data.seq_len
-    return Measured(allocated, reserved, paged_bytes(run.optimizer), statistics.median(times), merge_seconds, tokens)
+    return Measured(allocated, reserved, paged_bytes(run.optimizer), paged_bytes_held(), workspaces,
+                    statistics.median(times), merge_seconds, tokens)

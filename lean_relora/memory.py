@@ -4,14 +4,18 @@ traced: the very model and optimizer that training builds, one steady-state step
     tensor bytes counted (trace.py). A 1.3B or 7B model traces on a CPU in seconds.
 analytic: the same quantities from formulas (below), broken down by component.
 
-Neither sees what lives outside torch's tensors: the CUDA context, cuBLAS workspaces and the caching allocator's
-fragmentation. They are added as a stated margin. bnb's paged optimizer state (cudaMallocManaged) is also invisible
-to torch on a GPU; here it is counted as GPU memory (it can spill to host RAM under pressure, slowly).
+Neither sees what a step holds beyond its tensors. cuBLAS workspaces are allocated through torch's caching allocator
+(inside max_memory_allocated) and are added to the traced peak by their known size; the CUDA context and the
+allocator's fragmentation lie outside torch's counters and are added as a stated margin. bnb's paged optimizer state
+(cudaMallocManaged) is also invisible to torch on a GPU; here it is counted as GPU memory (it can spill to host RAM
+under pressure, slowly).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,7 +30,8 @@ from lean_relora.relora import target_modules
 from lean_relora.trace import Trace, trace, uses_autocast
 
 GIB = 2**30
-CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace, typical for one process
+CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context and loaded kernels, typical for one process (outside torch's counters)
+CUBLAS_HANDLES = 2  # threads that run matmuls: the training loop's and autograd's backward thread (one workspace each)
 ALLOCATOR_RESERVE = 0.10  # share of the peak the caching allocator holds beyond live tensors (fragmentation)
 BNB_OPTIM_BLOCK = 256  # elements per absmax of bnb's 8-bit optimizer state
 BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit optimizer state in bnb
@@ -151,8 +156,26 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
 
 # ---- the estimate a user sees ---------------------------------------------------------------------------------
 
+def cublas_workspace_bytes(capability: tuple[int, int] | None = None) -> int:
+    """Bytes of the cuBLAS workspaces a training process keeps: torch allocates one per (cuBLAS handle, stream)
+    through its caching allocator and never frees it, and a handle belongs to a thread. torch's size per workspace:
+    CUBLAS_WORKSPACE_CONFIG (":KiB:count" pairs) if set, else 32 MiB on sm90 (Hopper) and 8 MiB + 128 KiB elsewhere
+    (aten/src/ATen/cuda/CublasHandlePool.cpp; cuBLASLt shares it). `capability`: the GPU's (major, minor); None (no GPU
+    visible: the estimate is for a card elsewhere) takes the larger size."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    pairs = re.findall(r":(\d+):(\d+)", config or "")
+    if pairs:
+        each = sum(int(kib) * 1024 * int(count) for kib, count in pairs)
+    elif capability is None or capability == (9, 0):
+        each = 4096 * 1024 * 8
+    else:
+        each = 4096 * 1024 * 2 + 16 * 1024 * 8
+    return CUBLAS_HANDLES * each
+
+
 def gpu_need(peak: float) -> float:
-    """Bytes a GPU must have free for a peak of live tensor bytes: allocator reserve and CUDA context added."""
+    """Bytes a GPU must have free for a peak of live tensor bytes (cuBLAS workspaces included): allocator reserve and
+    CUDA context added."""
     return peak * (1 + ALLOCATOR_RESERVE) + CUDA_CONTEXT_BYTES
 
 
@@ -162,14 +185,20 @@ class PhaseEstimate:
     components: dict[str, int]  # analytic, bytes
     traced: Trace
     ddp_buckets: int = 0  # with several ranks: DistributedDataParallel's copy of the gradients it averages, bytes
+    workspaces: int = 0  # cuBLAS workspaces, bytes: inside torch's allocated counter, outside the trace
 
     @property
     def analytic_peak(self) -> int:
         return sum(self.components.values()) + self.ddp_buckets
 
     @property
+    def allocated(self) -> int:
+        """What torch's max_memory_allocated should read at this phase's peak (paged optimizer state added)."""
+        return self.traced.peak + self.ddp_buckets + self.workspaces
+
+    @property
     def need(self) -> float:
-        return gpu_need(self.traced.peak + self.ddp_buckets)
+        return gpu_need(self.allocated)
 
 
 @dataclass
@@ -190,6 +219,14 @@ class VocabUnknown(RecipeError):
     """The vocabulary size cannot be known without loading the tokenizer (train then skips its memory check)."""
 
 
+def visible_capability() -> tuple[int, int] | None:
+    """The visible GPU's compute capability, or None; asked only where CUDA is already initialised (a launcher of
+    several ranks must not open a CUDA context of its own just to size an estimate)."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.get_device_capability()
+    return None
+
+
 def recipe_vocab_size(recipe: Recipe) -> int:
     """Embedding rows of the recipe's model: a pretrained model's config says; else model.vocab_size or the BPE's."""
     if recipe.model.pretrained:
@@ -208,10 +245,12 @@ def estimate(recipe: Recipe, gpu_gb: float = 24.0, baseline: bool = True, nproc:
     recipe = with_model_sizes(recipe)
     vocab = recipe_vocab_size(recipe)
 
+    workspaces = cublas_workspace_bytes(visible_capability())
+
     def phase(name: str, kind: str, of: Recipe = recipe) -> PhaseEstimate:
         components = analytic(of, vocab, kind)
         return PhaseEstimate(name, components, trace(of, vocab, kind),
-                             components["trainable weights"] if nproc > 1 else 0)
+                             components["trainable weights"] if nproc > 1 else 0, workspaces)
 
     phases = [phase("ReLoRA", "relora")]
     if recipe.relora.warm_start_steps:
@@ -221,7 +260,10 @@ def estimate(recipe: Recipe, gpu_gb: float = 24.0, baseline: bool = True, nproc:
         phases.append(phase("baseline: full-rank bf16 AdamW", "full", dense))
     host = host_estimate(recipe, vocab, nproc)
     run_phases = [(p, "relora" if p.name == "ReLoRA" else "full") for p in phases if not p.name.startswith("base")]
-    fit = min(largest_micro_batch(recipe, vocab, p, kind, gpu_gb * GIB - p.ddp_buckets) for p, kind in run_phases)
+    # what the trace does not hold, scaled by the reserve as gpu_need scales it
+    fit = min(largest_micro_batch(recipe, vocab, p, kind,
+                                  gpu_gb * GIB - (p.allocated - p.traced.peak) * (1 + ALLOCATOR_RESERVE))
+              for p, kind in run_phases)
     return Estimate(phases, host, gpu_gb * GIB, fit, nproc, on_one_host(host, nproc))
 
 
@@ -302,8 +344,9 @@ def render(estimate: Estimate, recipe: Recipe):
     table.add_section()
     table.add_row("analytic peak", *(gib(p.analytic_peak) for p in estimate.phases))
     table.add_row("traced peak (fake-tensor step)", *(gib(p.traced.peak) for p in estimate.phases))
-    table.add_row(f"allocator reserve ({ALLOCATOR_RESERVE:.0%} of traced)",
-                  *(gib(ALLOCATOR_RESERVE * p.traced.peak) for p in estimate.phases))
+    table.add_row(f"cuBLAS workspaces ({CUBLAS_HANDLES} threads)", *(gib(p.workspaces) for p in estimate.phases))
+    table.add_row(f"allocator reserve ({ALLOCATOR_RESERVE:.0%} of allocated)",
+                  *(gib(ALLOCATOR_RESERVE * p.allocated) for p in estimate.phases))
     table.add_row("CUDA context (typical)", *(gib(CUDA_CONTEXT_BYTES) for _ in estimate.phases))
     table.add_row("[bold]GPU need", *(f"[bold]{gib(p.need)}" for p in estimate.phases))
     where = "the CPU it trains on" if recipe.train.device == "cpu" else "beside the GPU"

@@ -20,8 +20,13 @@ MOMENTS = (("state1", "absmax1", "qmap1"), ("state2", "absmax2", "qmap2"))  # bn
 TORCH_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch.optim.AdamW
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, paged: bool = True
+                    ) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not.
+
+    `paged=False` keeps a paged_adamw8bit recipe's state in ordinary device memory: bnb never frees paged state (every
+    buffer stays in its GlobalPageManager's list, and `get_paged` has no free path), so an optimizer that is dropped
+    during the run, the full-rank warm start's, must not page or its state would hold the GPU to the end."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -34,8 +39,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     if device.type == "cpu":
         # Paging needs CUDA unified memory (elsewhere bnb falls back to ordinary state and warns every step).
         return SlicedAdamW8bit(groups, **kwargs)
-    cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw8bit" and paged else bnb.optim.AdamW8bit
     return cls(groups, **kwargs)
+
+
+def paged_bytes_held() -> int:
+    """Bytes of paged optimizer state this process holds (CUDA managed memory, invisible to torch's counters): every
+    buffer bnb ever paged, since none is freed."""
+    held = bnbf.GlobalPageManager.get_instance().paged_tensors
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 class SlicedAdamW8bit(bnb.optim.AdamW8bit):

@@ -111,12 +111,18 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None,
     run = Run(recipe, device, data, model, None, schedule, torch.Generator().manual_seed(recipe.train.seed),
               TrainState(), run_dir, ranks=ranks)
     if recipe.relora.warm_start_steps > 0:
-        run.model = model.to(device)
-        run.optimizer = build_optimizer(run.model, recipe.optim, device)
-        run.ddp = wrap_for_ranks(run)
+        start_warm(run)
     else:
         start_relora(run, source)
     return run
+
+
+def start_warm(run: Run) -> None:
+    """The full-rank warm start: the dense model on the device, every weight trained. Its optimizer never pages:
+    bnb frees no paged buffer, and this state must be gone when ReLoRA begins."""
+    run.model = run.model.to(run.device)
+    run.optimizer = build_optimizer(run.model, run.recipe.optim, run.device, paged=False)
+    run.ddp = wrap_for_ranks(run)
 
 
 def start_relora(run: Run, source: TensorSource | None = None) -> None:

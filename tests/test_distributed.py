@@ -253,3 +253,19 @@ def test_ddp_is_told_not_to_sync_buffers_by_the_name_its_torch_knows():
     here = distributed.no_buffer_sync(torch.nn.parallel.DistributedDataParallel)
     has_new_name = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
     assert here == ({"forward_sync_buffers": False} if has_new_name else {"broadcast_buffers": False})
+
+
+@pytest.mark.parametrize("trains_here", [True, False])
+def test_the_launcher_asks_a_child_for_the_free_gpu_memory_and_a_rank_asks_itself(monkeypatch, trains_here):
+    # A launcher that opened a CUDA context would hold ~0.5 GiB of GPU 0 for the whole job.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(("here", device)) or (7, 9))
+
+    def child(argv, **kwargs):
+        asked.append(("child", argv[-1]))
+        return subprocess.CompletedProcess(argv, 0, stdout="5\n", stderr="")
+
+    monkeypatch.setattr(distributed.subprocess, "run", child)
+    free = distributed.free_gpu_bytes(torch.device("cuda", 1), trains_here=trains_here)
+    assert (free, [where for where, _ in asked]) == ((7, ["here"]) if trains_here else (5, ["child"]))
+    assert trains_here or asked[0][1] == "1"

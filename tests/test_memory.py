@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
 from lean_relora.cli import app
-from lean_relora.memory import (CUDA_CONTEXT_BYTES, GIB, analytic, base_bytes, estimate, gpu_need, host_refusal,
+from lean_relora.memory import (CUDA_CONTEXT_BYTES, GIB, cublas_workspace_bytes, analytic, base_bytes, estimate, gpu_need, host_refusal,
                                 recipe_vocab_size, refusal)
 from lean_relora.recipe import load_recipe
 from lean_relora.relora import target_modules
@@ -35,7 +35,7 @@ def test_analytic_model_counts_frozen_embeddings_and_lm_head_as_frozen_weights()
 
 def test_estimate_counts_host_memory_of_the_fp32_master_and_finds_the_largest_micro_batch():
     recipe = small(warm_start=5)
-    gpu_gb = (CUDA_CONTEXT_BYTES + 40 * 2**20) / GIB  # room for a few sequences of this tiny model
+    gpu_gb = (CUDA_CONTEXT_BYTES + cublas_workspace_bytes() + 40 * 2**20) / GIB  # a few sequences of this tiny model
     result = estimate(recipe, gpu_gb)
     assert [p.name for p in result.phases] == ["ReLoRA", "full-rank warm start", "baseline: full-rank bf16 AdamW"]
     targets = 2 * (4 * 128 * 128 + 3 * 128 * 344)
@@ -45,6 +45,23 @@ def test_estimate_counts_host_memory_of_the_fp32_master_and_finds_the_largest_mi
     bigger = estimate(small(warm_start=5, micro_batch=fit + 1), gpu_gb)
     same = estimate(small(warm_start=5, micro_batch=fit), gpu_gb)
     assert same.need <= gpu_gb * GIB < bigger.need
+
+
+def test_cublas_workspaces_are_sized_as_torch_sizes_them_one_per_thread_that_multiplies(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert cublas_workspace_bytes((9, 0)) == 2 * 32 * 2**20  # Hopper: ":4096:8"
+    assert cublas_workspace_bytes((8, 9)) == 2 * (2 * 4096 + 8 * 16) * 1024  # a 4090: ":4096:2:16:8"
+    assert cublas_workspace_bytes(None) == cublas_workspace_bytes((9, 0))  # card unknown: the larger
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # what deterministic runs set
+    assert cublas_workspace_bytes((9, 0)) == 2 * 16 * 1024 * 8
+
+
+def test_the_estimate_adds_the_workspaces_to_what_torch_will_count_allocated():
+    # torch allocates them through its caching allocator: inside max_memory_allocated, outside the trace
+    phase = estimate(small(), 24, baseline=False).phases[0]
+    assert phase.workspaces == cublas_workspace_bytes()
+    assert phase.allocated == phase.traced.peak + phase.workspaces
+    assert phase.need == pytest.approx(gpu_need(phase.traced.peak + phase.workspaces))
 
 
 def test_refusal_names_the_need_and_the_fix():

@@ -110,6 +110,15 @@ def test_build_optimizer_decays_matrices_only(tiny_llama, name, cls):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("paged", [True, False])
+def test_a_paged_recipe_pages_on_cuda_only_where_asked(tiny_llama, paged):
+    # bnb never frees paged state, so an optimizer dropped mid-run (the warm start's) is built with paged=False.
+    # Building touches no GPU: the state is allocated at the first step.
+    opt = build_optimizer(tiny_llama(), OptimConfig(name="paged_adamw8bit"), torch.device("cuda"), paged=paged)
+    assert type(opt) is (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)
+    assert opt.is_paged is paged
+
+
 @pytest.mark.parametrize("capturable", [False, True])
 def test_restored_adamw_keeps_its_step_counter_where_torch_keeps_it(capturable):
     # torch's AdamW keeps `step` on the CPU unless capturable; restored onto the parameter's device (a GPU in

@@ -84,6 +84,18 @@ def test_warm_start_phase_is_dense_and_every_weight_trains(tmp_path, tokenizer_c
     assert not torch.equal(before, run.model.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_the_warm_starts_optimizer_never_pages_and_relora_s_does(tmp_path, tokenizer_cache, monkeypatch):
+    # bnb keeps every paged buffer to the end of the process: the dropped full-rank state must not be paged
+    import lean_relora.train as train_module
+
+    asked = []
+    build = train_module.build_optimizer
+    monkeypatch.setattr(train_module, "build_optimizer",
+                        lambda *a, **kw: asked.append(kw.get("paged", True)) or build(*a, **kw))
+    train(tiny_recipe(steps=7, warm_start=5, restart_every=4), run_dir(tmp_path, tokenizer_cache))
+    assert asked == [False, True]
+
+
 def test_tokens_are_counted_exactly(tmp_path, tokenizer_cache):
     run = setup(tiny_recipe(grad_accum_steps=3), run_dir(tmp_path, tokenizer_cache))
     for _ in range(2):
