@@ -24,9 +24,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from lean_relora.data import build_data
-from lean_relora.loader import BatchLoader
-from lean_relora.prepare import prepare_data
+from lean_relora.data.packing import build_data
+from lean_relora.data.prefetch import BatchLoader
+from lean_relora.data.prepare import prepare_data
 from lean_relora.recipe import DataConfig, load_recipe
 
 # The 1.3B step's need, an upper bound: one H100 SXM's dense bf16 peak (989 TFLOP/s) at 100% utilisation, over the
@@ -84,8 +84,8 @@ def reader(cfg: DataConfig, run_dir: Path, batch: int, seq_len: int, seconds: fl
 def mask_cost(rounds: int = 20) -> dict:
     """Training step time of the tiny_cpu model on 8 x 128 pydoc blocks, causal over the block vs data.document_mask,
     steps interleaved so that both see the same machine."""
-    from lean_relora.data import document_positions
-    from lean_relora.model import build_model
+    from lean_relora.data.packing import document_positions
+    from lean_relora.model.build import build_model
 
     recipe = load_recipe(None)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ GIB = 2**30
 # The peak RSS of the command's own image: VmHWM at exit. (ru_maxrss outlives exec, so a child forked from this
 # process after it built the model would report this process's RSS.)
 CLI = [sys.executable, "-c", "import atexit, sys; atexit.register(lambda: sys.stdout.write(next(line for line in "
-       "open('/proc/self/status') if line.startswith('VmHWM:')))); from lean_relora.cli import app; app()"]
+       "open('/proc/self/status') if line.startswith('VmHWM:')))); from lean_relora.cli.app import app; app()"]
 
 
 def overrides(model_dir: Path) -> list[str]:
@@ -40,7 +40,7 @@ def save_model(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from lean_relora.recipe import DataConfig
-    from lean_relora.tokenizer import load_tokenizer
+    from lean_relora.data.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:

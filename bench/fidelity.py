@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lean_relora.fidelity import simulate_restarts
+from lean_relora.tools.fidelity import simulate_restarts
 
 SIZES = (2e-4, 2e-3, 2e-2)
 

@@ -37,14 +37,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lean_relora.measure import measure, relora_run
-from lean_relora.memory import GIB, analytic, recipe_vocab_size
-from lean_relora.model import build_model
+from lean_relora.memory.measure import measure, relora_run
+from lean_relora.memory.estimate import GIB, analytic, recipe_vocab_size
+from lean_relora.model.build import build_model
 from lean_relora.recipe import Recipe, load_recipe
-from lean_relora.relora import target_modules
-from lean_relora.trace import trace
-from lean_relora.offload import offloading
-from lean_relora.step import autocast_context
+from lean_relora.model.relora import target_modules
+from lean_relora.memory.trace import trace
+from lean_relora.model.offload import offloading
+from lean_relora.training.step import autocast_context
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"tiny": "tiny_cpu.toml", "350M": "350m_12gb.toml", "1.3B": "1b3_12gb.toml"}

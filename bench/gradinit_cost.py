@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from lean_relora.gradinit import Sketch, sketch_bytes
+from lean_relora.model.gradinit import Sketch, sketch_bytes
 from lean_relora.recipe import load_recipe
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "1b3_12gb.toml"

@@ -37,9 +37,9 @@ def overrides(model_dir: Path, steps: int) -> list[str]:
 def save_model(model_dir: Path) -> None:
     import torch
 
-    from lean_relora.model import build_model
+    from lean_relora.model.build import build_model
     from lean_relora.recipe import DataConfig, load_recipe
-    from lean_relora.tokenizer import load_tokenizer
+    from lean_relora.data.tokenizer import load_tokenizer
 
     recipe = load_recipe(ROOT / "recipes" / "1b3_12gb.toml")
     torch.manual_seed(0)
@@ -85,8 +85,8 @@ def measured_run(model_dir: Path, steps: int) -> dict:
     import torch
 
     from lean_relora.recipe import load_recipe
-    from lean_relora.step import train_step
-    from lean_relora.train import restart, setup
+    from lean_relora.training.step import train_step
+    from lean_relora.training.loop import restart, setup
     from process_memory import beyond_tensors
 
     torch.set_num_threads(2)
@@ -129,7 +129,7 @@ def main() -> None:
     if not (args.model_dir / "config.json").is_file():
         print(f"saving a 1.3B-shaped LLaMA and its tokenizer to {args.model_dir} (once)", flush=True)
         save_model(args.model_dir)
-    from lean_relora.memory import host_estimate, with_model_sizes
+    from lean_relora.memory.estimate import host_estimate, with_model_sizes
     from lean_relora.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides(args.model_dir, args.steps))

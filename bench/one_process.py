@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Runs the CLI of the tree given as argv[1], whatever lean_relora the environment has installed.
 LAUNCH = ("import sys; tree = sys.argv.pop(1); sys.path.insert(0, tree); import lean_relora; "
           "assert lean_relora.__file__.startswith(tree), lean_relora.__file__; "
-          "from lean_relora.cli import main; sys.argv[0] = 'lean-relora'; main()")
+          "from lean_relora.cli.app import main; sys.argv[0] = 'lean-relora'; main()")
 
 
 def tokens_per_second(tree: Path, run_dir: Path, steps: int) -> float:

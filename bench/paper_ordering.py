@@ -23,10 +23,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lean_relora.progress import Reporter
+from lean_relora.training.progress import Reporter
 from lean_relora.recipe import load_recipe
-from lean_relora.spectrum import measure as spectrum
-from lean_relora.train import train
+from lean_relora.tools.spectrum import measure as spectrum
+from lean_relora.training.loop import train
 
 NEVER = "relora.restart_every=1000000"  # LoRA: one cycle for the whole run
 

@@ -45,7 +45,7 @@ def live_tensor_bytes() -> int:
 
 def beyond_tensors() -> tuple[int, int, int]:
     """(VmRSS, live tensor bytes, VmRSS minus them) now, after handing freed memory back."""
-    from lean_relora.host import release_freed_memory
+    from lean_relora.sysmem import release_freed_memory
 
     gc.collect()
     release_freed_memory()
@@ -56,10 +56,11 @@ def beyond_tensors() -> tuple[int, int, int]:
 def measured(steps: int) -> dict:
     import torch
 
-    from lean_relora import cli, memory  # noqa: F401 (what the CLI process imports)
+    from lean_relora.cli import app  # noqa: F401 (what the CLI process imports)
+    from lean_relora.memory import estimate  # noqa: F401
     from lean_relora.recipe import load_recipe
-    from lean_relora.step import train_step
-    from lean_relora.train import setup
+    from lean_relora.training.step import train_step
+    from lean_relora.training.loop import setup
 
     imports = rss()
     torch.set_num_threads(2)
@@ -83,7 +84,7 @@ def main() -> None:
     child = subprocess.run([sys.executable, __file__, "--measure", "--steps", str(args.steps)], capture_output=True,
                            text=True, check=True)
     marks = json.loads(child.stdout.strip().splitlines()[-1])
-    from lean_relora.host import PROCESS_BYTES
+    from lean_relora.memory.host_ram import PROCESS_BYTES
 
     print(f"VmRSS after imports {marks['imports'] / MIB:.0f} MiB; after setup and {args.steps} steps of the tiny "
           f"recipe {marks['rss'] / MIB:.0f} MiB, of which live tensors {marks['tensors'] / MIB:.0f} MiB: the process "

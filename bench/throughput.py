@@ -20,10 +20,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lean_relora.model import build_model
-from lean_relora.quant import FrozenBase
+from lean_relora.model.build import build_model
+from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import LoraConfig, ModelConfig
-from lean_relora.relora import ReLoRALinear, set_trainable, wrap_model
+from lean_relora.model.relora import ReLoRALinear, set_trainable, wrap_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

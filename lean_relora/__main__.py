@@ -1,5 +1,5 @@
 """`python -m lean_relora`: the command line (cli.py), also how torchrun starts each rank."""
 
-from lean_relora.cli import main
+from lean_relora.cli.app import main
 
 main()

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_train import tiny_recipe  # noqa: E402
 
-from lean_relora import checkpoint  # noqa: E402
-from lean_relora.step import train_step  # noqa: E402
-from lean_relora.train import setup  # noqa: E402
+from lean_relora.training import checkpoint  # noqa: E402
+from lean_relora.training.step import train_step  # noqa: E402
+from lean_relora.training.loop import setup  # noqa: E402
 
 run_dir, trials, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 run = setup(tiny_recipe(steps=10**6), run_dir)

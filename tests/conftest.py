@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lean_relora.model import build_model
+from lean_relora.model.build import build_model
 from lean_relora.recipe import ModelConfig
 
 

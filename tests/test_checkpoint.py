@@ -15,15 +15,15 @@ from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lean_relora import checkpoint
-from lean_relora.checkpoint import CheckpointError, CheckpointSaveError
-from lean_relora.export import export_model, load_trained
-from lean_relora.optim import optimizer_state
-from lean_relora.progress import Reporter
+from lean_relora.training import checkpoint
+from lean_relora.training.checkpoint import CheckpointError, CheckpointSaveError
+from lean_relora.tools.export import export_model, load_trained
+from lean_relora.training.optim import optimizer_state
+from lean_relora.training.progress import Reporter
 from lean_relora.recipe import CheckpointConfig, load_recipe
-from lean_relora.relora import relora_layers
-from lean_relora.step import train_step
-from lean_relora.train import TrainingDiverged, restart, setup, train
+from lean_relora.model.relora import relora_layers
+from lean_relora.training.step import train_step
+from lean_relora.training.loop import TrainingDiverged, restart, setup, train
 from test_train import run_dir, tiny_recipe, tokenizer_cache  # noqa: F401  (tokenizer_cache is a fixture)
 
 

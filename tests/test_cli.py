@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lean_relora.cli import app
+from lean_relora.cli.app import app
 from test_recipe import MALFORMED
 
 TINY = """

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lean_relora.outcome import STOPPED
+from lean_relora.cli.errors import STOPPED
 from test_cli import TINY, invoke
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lean_relora.outcome import BAD_INPUT
+from lean_relora.cli.errors import BAD_INPUT
 from test_cli import TINY, invoke
 
 @pytest.fixture

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from lean_relora.measure import measure, paged_bytes, relora_run
-from lean_relora.memory import cublas_workspace_bytes
-from lean_relora.optim import load_optimizer_state, moments, optimizer_state, paged_bytes_held, reset_state
-from lean_relora.quant import FrozenBase
+from lean_relora.memory.measure import measure, paged_bytes, relora_run
+from lean_relora.memory.estimate import cublas_workspace_bytes
+from lean_relora.training.optim import load_optimizer_state, moments, optimizer_state, paged_bytes_held, reset_state
+from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import (DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
                                 ReloraConfig, TrainConfig)
-from lean_relora.trace import trace
-from lean_relora.train import train
+from lean_relora.memory.trace import trace
+from lean_relora.training.loop import train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (CPU-only machine)")]
@@ -177,7 +177,7 @@ def test_the_warm_starts_optimizer_state_is_gone_once_relora_begins(tmp_path):
 
 
 def test_the_launcher_of_several_ranks_opens_no_cuda_context(tmp_path):
-    script = ("import sys, torch; from lean_relora.cli import _refuse_if_it_does_not_fit; "
+    script = ("import sys, torch; from lean_relora.cli.app import _refuse_if_it_does_not_fit; "
               "from test_cuda import cuda_recipe; _refuse_if_it_does_not_fit(cuda_recipe(), None, nproc=2); "
               "print(torch.cuda.is_initialized())")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -189,7 +189,7 @@ def test_the_launcher_of_several_ranks_opens_no_cuda_context(tmp_path):
 def test_offloaded_activations_go_to_pinned_host_memory_and_leave_the_gradients_unchanged():
     from test_offload import checkpointed_llama, gradients
 
-    from lean_relora.offload import OffloadSaved
+    from lean_relora.model.offload import OffloadSaved
 
     model = checkpointed_llama().cuda()
     ids = torch.randint(0, 128, (2, 32), device="cuda")

@@ -1,4 +1,4 @@
-"""lean_relora.data and lean_relora.corpus: documents, packing, batch order and the one-line errors."""
+"""lean_relora.data.packing and lean_relora.corpus: documents, packing, batch order and the one-line errors."""
 
 import json
 import re
@@ -14,11 +14,11 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from lean_relora.corpus import DataError, load_documents
-from lean_relora import data as data_module
-from lean_relora.data import StreamingPackedData, build_data
-from lean_relora import tokenizer
-from lean_relora.tokenizer import EOS, load_tokenizer
+from lean_relora.data.corpus import DataError, load_documents
+from lean_relora.data import packing as data_module
+from lean_relora.data.packing import StreamingPackedData, build_data
+from lean_relora.data import tokenizer
+from lean_relora.data.tokenizer import EOS, load_tokenizer
 from lean_relora.recipe import DataConfig
 
 

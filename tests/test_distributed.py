@@ -17,11 +17,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from lean_relora import distributed
-from lean_relora.checkpoint import CHECKPOINTS
-from lean_relora.model import build_model
+from lean_relora.cli import launch
+from lean_relora.training import distributed
+from lean_relora.training.checkpoint import CHECKPOINTS
+from lean_relora.model.build import build_model
 from lean_relora.recipe import LoraConfig, ModelConfig
-from lean_relora.relora import merge_all, relora_layers, target_modules, wrap_model
+from lean_relora.model.relora import merge_all, relora_layers, target_modules, wrap_model
 from test_cli import TINY, invoke
 
 # The tiny CLI recipe, long enough for 6 restarts (at steps 6, 10, ..., 26) and a checkpoint after each.
@@ -224,7 +225,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_resume_repr
 
 
 def test_memory_estimate_per_gpu_and_per_host_for_several_ranks():
-    from lean_relora.memory import estimate, recipe_vocab_size, target_shapes, with_model_sizes
+    from lean_relora.memory.estimate import estimate, recipe_vocab_size, target_shapes, with_model_sizes
     from lean_relora.recipe import load_recipe
 
     recipe = load_recipe(None)  # the tiny default: 28 ReLoRA layers, quick to trace
@@ -265,7 +266,7 @@ def test_the_launcher_asks_a_child_for_the_free_gpu_memory_and_a_rank_asks_itsel
         asked.append(("child", argv[-1]))
         return subprocess.CompletedProcess(argv, 0, stdout="5\n", stderr="")
 
-    monkeypatch.setattr(distributed.subprocess, "run", child)
-    free = distributed.free_gpu_bytes(torch.device("cuda", 1), trains_here=trains_here)
+    monkeypatch.setattr(launch.subprocess, "run", child)
+    free = launch.free_gpu_bytes(torch.device("cuda", 1), trains_here=trains_here)
     assert (free, [where for where, _ in asked]) == ((7, ["here"]) if trains_here else (5, ["child"]))
     assert trains_here or asked[0][1] == "1"

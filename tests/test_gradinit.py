@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from lean_relora.gradinit import KAIMING_ROW_NORM, init_from_gradient
-from lean_relora.model import enable_checkpointing
-from lean_relora.quant import FrozenBase
+from lean_relora.model.gradinit import KAIMING_ROW_NORM, init_from_gradient
+from lean_relora.model.build import enable_checkpointing
+from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError, ReloraConfig
-from lean_relora.relora import ReLoRALinear, relora_layers, wrap_model
-from lean_relora.step import train_step
-from lean_relora.train import restart, setup, train
+from lean_relora.model.relora import ReLoRALinear, relora_layers, wrap_model
+from lean_relora.training.step import train_step
+from lean_relora.training.loop import restart, setup, train
 from test_train import records, run_dir, tiny_recipe, tokenizer_cache  # noqa: F401 (a fixture)
 
 

@@ -1,4 +1,4 @@
-"""lean_relora.loader: batches made ahead equal the data's own, in any order asked, and errors reach the step."""
+"""lean_relora.data.prefetch: batches made ahead equal the data's own, in any order asked, and errors reach the step."""
 
 import gc
 import threading
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lean_relora.corpus import DataError
-from lean_relora.data import PackedData
-from lean_relora.loader import BatchLoader
+from lean_relora.data.corpus import DataError
+from lean_relora.data.packing import PackedData
+from lean_relora.data.prefetch import BatchLoader
 
 
 def data(n=50):

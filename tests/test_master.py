@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from lean_relora import checkpoint
-from lean_relora.master import DiskMasters, RamMaster
-from lean_relora.quant import FrozenBase
-from lean_relora.train import train
+from lean_relora.training import checkpoint
+from lean_relora.model.master import DiskMasters, RamMaster
+from lean_relora.model.frozen_base import FrozenBase
+from lean_relora.training.loop import train
 from test_train import run_dir, tiny_recipe, tokenizer_cache  # noqa: F401 (a fixture)
 
 
@@ -78,8 +78,8 @@ from dataclasses import replace
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_train import tiny_recipe
-from lean_relora import master
-from lean_relora.train import train
+from lean_relora.model import master
+from lean_relora.training.loop import train
 
 write = master.DiskMaster.write
 def write_then_die(self, dense, generation=None):

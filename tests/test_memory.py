@@ -7,12 +7,12 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
-from lean_relora.cli import app
-from lean_relora.memory import (CUDA_CONTEXT_BYTES, GIB, cublas_workspace_bytes, analytic, base_bytes, estimate, gpu_need, host_refusal,
+from lean_relora.cli.app import app
+from lean_relora.memory.estimate import (CUDA_CONTEXT_BYTES, GIB, cublas_workspace_bytes, analytic, base_bytes, estimate, gpu_need, host_refusal,
                                 recipe_vocab_size, refusal)
 from lean_relora.recipe import load_recipe
-from lean_relora.relora import target_modules
-from lean_relora.trace import trace
+from lean_relora.model.relora import target_modules
+from lean_relora.memory.trace import trace
 from test_trace import CONFIGS, VOCAB, small
 from tiny_models import save_tiny_model
 
@@ -125,8 +125,8 @@ def test_host_ram_reported_for_the_masters_is_what_they_hold():
     # two); the masters are pageable, so the bytes they hold are the bytes memory-estimate reports.
     import torch
 
-    from lean_relora.model import build_model
-    from lean_relora.relora import relora_layers, wrap_model
+    from lean_relora.model.build import build_model
+    from lean_relora.model.relora import relora_layers, wrap_model
 
     recipe = small()
     model = build_model(recipe.model, VOCAB, recipe.data.seq_len)
@@ -140,7 +140,7 @@ def test_host_ram_reported_for_the_masters_is_what_they_hold():
 def test_disk_masters_take_the_masters_out_of_host_ram_and_the_refusal_says_so():
     from dataclasses import replace
 
-    from lean_relora.memory import host_estimate, host_refusal
+    from lean_relora.memory.estimate import host_estimate, host_refusal
 
     ram = small()
     disk = replace(ram, relora=replace(ram.relora, master="disk"))

@@ -1,11 +1,11 @@
-"""lean_relora.merges: the recorded factors of every restart sum, with the factors in training, to exactly the
+"""lean_relora.training.merge_log: the recorded factors of every restart sum, with the factors in training, to exactly the
 update the base accumulated (its fp32 master) since the ReLoRA phase began."""
 
 import torch
 
-from lean_relora import merges
+from lean_relora.training import merge_log as merges
 from lean_relora.recipe import LoraConfig
-from lean_relora.relora import merge_all, relora_layers, wrap_model
+from lean_relora.model.relora import merge_all, relora_layers, wrap_model
 
 
 def test_recorded_merges_sum_to_the_masters_update(tiny_llama, tmp_path):

@@ -1,4 +1,4 @@
-"""lean_relora.model: a pretrained model's config read alone (no weights), its sizes, and the model built from it."""
+"""lean_relora.model.build: a pretrained model's config read alone (no weights), its sizes, and the model built from it."""
 
 from functools import partial
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lean_relora.model import build_model, enable_checkpointing, pretrained_config, sizes
+from lean_relora.model.build import build_model, enable_checkpointing, pretrained_config, sizes
 from lean_relora.recipe import ModelConfig, RecipeError
 from tiny_models import CONFIGS, save_tiny_model
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lean_relora.loss import causal_lm_loss
-from lean_relora.memory import analytic, offloaded_bytes, recipe_vocab_size
-from lean_relora.model import enable_checkpointing
-from lean_relora.offload import OffloadSaved
+from lean_relora.model.loss import causal_lm_loss
+from lean_relora.memory.estimate import analytic, offloaded_bytes, recipe_vocab_size
+from lean_relora.model.build import enable_checkpointing
+from lean_relora.model.offload import OffloadSaved
 from lean_relora.recipe import RecipeError, load_recipe
-from lean_relora.trace import trace
+from lean_relora.memory.trace import trace
 
 
 BATCH, SEQ, HIDDEN, LAYERS = 2, 32, 64, 3

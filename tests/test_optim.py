@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lean_relora.optim import (SlicedAdamW8bit, build_optimizer, load_optimizer_state, moments, optimizer_state,
+from lean_relora.training.optim import (SlicedAdamW8bit, build_optimizer, load_optimizer_state, moments, optimizer_state,
                                reset_state)
 from lean_relora.recipe import OptimConfig
 

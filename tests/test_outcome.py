@@ -1,4 +1,4 @@
-"""lean_relora.outcome: a bug ends in exit 1 and one line naming a log that holds its traceback."""
+"""lean_relora.cli.errors: a bug ends in exit 1 and one line naming a log that holds its traceback."""
 
 import io
 
@@ -6,7 +6,7 @@ import pytest
 import typer
 from rich.console import Console
 
-from lean_relora.outcome import BAD_INPUT, ERROR_LOG, FAILED, Outcome, UserError
+from lean_relora.cli.errors import BAD_INPUT, ERROR_LOG, FAILED, Outcome, UserError
 
 
 def ends(log_dir=None, error=RuntimeError("boom\nsecond line")):

@@ -1,4 +1,4 @@
-"""lean_relora.prepare and lean_relora.tokens: prepared token files hold exactly the documents' tokens, train on them
+"""lean_relora.data.prepare and lean_relora.tokens: prepared token files hold exactly the documents' tokens, train on them
 equals training on the documents, a resume is a seek, an interrupted prepare is detected and redone, and a manifest
 that does not match the recipe is refused with one line."""
 
@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from rich.progress import Progress
 
-from lean_relora import tokens
-from lean_relora.corpus import DataError, load_documents
-from lean_relora.data import build_data
-from lean_relora.loader import BatchLoader
-from lean_relora.optim import set_lr
-from lean_relora.prepare import _write_split, prepare_data
-from lean_relora.progress import Reporter
+from lean_relora.data import token_files as tokens
+from lean_relora.data.corpus import DataError, load_documents
+from lean_relora.data.packing import build_data
+from lean_relora.data.prefetch import BatchLoader
+from lean_relora.training.optim import set_lr
+from lean_relora.data.prepare import _write_split, prepare_data
+from lean_relora.training.progress import Reporter
 from lean_relora.recipe import DataConfig
-from lean_relora.tokenizer import _train_bpe
-from lean_relora.step import train_step
-from lean_relora.train import _resume, setup, train
+from lean_relora.data.tokenizer import _train_bpe
+from lean_relora.training.step import train_step
+from lean_relora.training.loop import _resume, setup, train
 from test_cli import invoke
 from test_data import expected_stream, marker_docs, texts, write_jsonl
 from test_train import tiny_recipe

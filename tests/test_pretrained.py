@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from lean_relora.export import load_trained
-from lean_relora.relora import ReLoRALinear, target_modules
+from lean_relora.tools.export import load_trained
+from lean_relora.model.relora import ReLoRALinear, target_modules
 from test_cli import invoke
 from tiny_models import CONFIGS, save_tiny_model
 
@@ -153,8 +153,8 @@ def test_a_trained_bpe_with_a_pretrained_model_is_refused_with_one_line(recipe, 
 TIMED_CLI = """
 import contextlib, io, json, logging, sys, time
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as the CLI does: bnb's import warning is not ours
-import lean_relora.memory, lean_relora.train
-from lean_relora.cli import main
+import lean_relora.memory.estimate, lean_relora.training.loop
+from lean_relora.cli.app import main
 results = []
 for argv in json.loads(sys.argv[1]):
     sys.argv, stdout, stderr, started = ["lean-relora", *argv], io.StringIO(), io.StringIO(), time.perf_counter()

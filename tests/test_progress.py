@@ -1,4 +1,4 @@
-"""lean_relora.progress: metrics.jsonl is strict JSON and keeps one record per step across a resume; the status line
+"""lean_relora.training.progress: metrics.jsonl is strict JSON and keeps one record per step across a resume; the status line
 fits 80 columns, counts restarts exactly, and numbers are written one way."""
 
 import io
@@ -8,8 +8,8 @@ import math
 import pytest
 from rich.console import Console
 
-from lean_relora.progress import Reporter, drop_records_after, duration, number
-from lean_relora.schedule import JaggedCosine
+from lean_relora.training.progress import Reporter, drop_records_after, duration, number
+from lean_relora.training.schedule import JaggedCosine
 
 SUMMARY = {"steps": 1, "restarts": 0, "tokens": 8, "first eval loss": 5.0, "last eval loss": 4.0, "seconds": 1.0,
            "run dir": "run"}

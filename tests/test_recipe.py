@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lean_relora.recipe import Recipe, RecipeError, default_recipe_path, load_recipe
+from lean_relora.recipe import SECTIONS, Recipe, RecipeError, default_recipe_path, load_recipe
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
 
@@ -87,7 +87,7 @@ def test_missing_file_and_malformed_override(tmp_path):
 def test_readme_documents_every_recipe_key_and_ci_runs_its_test_command():
     root = Path(__file__).parent.parent
     readme = root.joinpath("README.md").read_text()
-    for section, cls in __import__("lean_relora.recipe", fromlist=["SECTIONS"]).SECTIONS.items():
+    for section, cls in SECTIONS.items():
         assert f"**[{section}]**" in readme
         for key in cls.__dataclass_fields__:
             assert f"| `{key}` |" in readme, f"README lacks {section}.{key}"
@@ -102,3 +102,25 @@ def test_to_toml_reads_back_into_an_equal_recipe(path, tmp_path):
     copy = tmp_path / "copy.toml"
     copy.write_text(recipe.to_toml(), encoding="utf-8")
     assert load_recipe(copy) == recipe
+
+
+def test_every_field_is_documented_and_the_readme_key_tables_are_generated_from_those_docstrings():
+    import dataclasses
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("recipe_keys", root / "scripts" / "recipe_keys.py")
+    keys = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keys)
+    for cls in SECTIONS.values():
+        assert set(keys.field_docs(cls)) == {f.name for f in dataclasses.fields(cls)}, cls.__name__
+    readme = (root / "README.md").read_text()
+    assert keys.with_tables(readme) == readme, "README.md's recipe tables drifted: run python scripts/recipe_keys.py"
+
+
+@pytest.mark.parametrize("override,key", [("lora.rank=0", "lora.rank"), ("data.seq_len=100000", "data.seq_len"),
+                                          ("train.offload_activations=true", "train.offload_activations")])
+def test_a_recipe_error_knows_the_key_it_is_about(override, key):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, [override])
+    assert err.value.key == key and str(err.value).startswith(f"--set {override}: ")

@@ -6,10 +6,10 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from lean_relora.export import merged_layer
-from lean_relora.quant import FrozenBase
+from lean_relora.tools.export import merged_layer
+from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError
-from lean_relora.relora import (FROZEN_WARNING, ReLoRALinear, decoder_blocks, lora_parameters, merge_all,
+from lean_relora.model.relora import (FROZEN_WARNING, ReLoRALinear, decoder_blocks, lora_parameters, merge_all,
                                 relora_layers, set_trainable, target_modules, target_summary, wrap_model)
 from test_quant import QUANTS, TOLERANCE, weight
 from tiny_models import CONFIGS, VOCAB

@@ -13,12 +13,13 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from lean_relora import report, spectrum
+from lean_relora.tools import report
+from lean_relora.tools import spectrum
 from safetensors import safe_open
 
-from lean_relora.checkpoint import MODEL, find_latest, saved_recipe
-from lean_relora.export import load_trained, merged_layer
-from lean_relora.train import setup
+from lean_relora.training.checkpoint import MODEL, find_latest, saved_recipe
+from lean_relora.tools.export import load_trained, merged_layer
+from lean_relora.training.loop import setup
 from test_cli import TINY, invoke
 
 

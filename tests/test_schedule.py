@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lean_relora.schedule import JaggedCosine
+from lean_relora.training.schedule import JaggedCosine
 
 
 def cosine(step, s: JaggedCosine):

@@ -1,4 +1,4 @@
-"""lean_relora.sinks: the metrics records reach TensorBoard and an offline W&B run, and a missing library is one
+"""lean_relora.training.sinks: the metrics records reach TensorBoard and an offline W&B run, and a missing library is one
 line."""
 
 import json
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from lean_relora.progress import Reporter
+from lean_relora.training.progress import Reporter
 from lean_relora.recipe import LogConfig, RecipeError
-from lean_relora.sinks import check_sinks, open_sinks, scalars
+from lean_relora.training.sinks import check_sinks, open_sinks, scalars
 
 RECORDS = [{"step": 0, "eval_loss": 5.5, "eval_ppl": 244.7, "tokens": 0},
            {"step": 1, "loss": 5.25, "lr": 1e-3, "tokens": 256, "tokens_per_s": 900.0, "restarts": 0,
@@ -84,7 +84,7 @@ def test_a_run_with_log_tensorboard_writes_the_losses_of_metrics_jsonl(tmp_path)
     pytest.importorskip("tensorboard", reason="the optional extra lean-relora[tensorboard]")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lean_relora.train import train
+    from lean_relora.training.loop import train
     from test_train import tiny_recipe
 
     recipe = tiny_recipe(steps=3)

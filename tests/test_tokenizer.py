@@ -1,4 +1,4 @@
-"""lean_relora.tokenizer: the cached BPE and the one-line errors of a pretrained tokenizer."""
+"""lean_relora.data.tokenizer: the cached BPE and the one-line errors of a pretrained tokenizer."""
 
 import json
 import time
@@ -6,10 +6,10 @@ import time
 import datasets
 import pytest
 
-from lean_relora import tokenizer
-from lean_relora.corpus import DataError
+from lean_relora.data import tokenizer
+from lean_relora.data.corpus import DataError
 from lean_relora.recipe import DataConfig
-from lean_relora.tokenizer import EOS, load_tokenizer
+from lean_relora.data.tokenizer import EOS, load_tokenizer
 
 
 @pytest.fixture(autouse=True)

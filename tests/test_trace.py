@@ -5,8 +5,8 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from lean_relora.recipe import DataConfig, LoraConfig, ModelConfig, OptimConfig, Recipe, ReloraConfig, TrainConfig
-from lean_relora.relora import merge_all
-from lean_relora.trace import build_for_phase, model_tensors, run_step, trace
+from lean_relora.model.relora import merge_all
+from lean_relora.memory.trace import build_for_phase, model_tensors, run_step, trace
 
 VOCAB = 512
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from lean_relora.progress import Reporter
+from lean_relora.training.progress import Reporter
 from lean_relora.recipe import (CheckpointConfig, DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
                                 ReloraConfig, TrainConfig)
-from lean_relora import checkpoint, loss
-from lean_relora.relora import relora_layers
-from lean_relora.step import evaluate, train_step
-from lean_relora.train import setup, train
+from lean_relora.training import checkpoint
+from lean_relora.model import loss
+from lean_relora.model.relora import relora_layers
+from lean_relora.training.step import evaluate, train_step
+from lean_relora.training.loop import setup, train
 
 
 def tiny_recipe(quant="nf4", steps=20, warm_start=0, restart_every=7, **train_kw) -> Recipe:
@@ -86,7 +87,7 @@ def test_warm_start_phase_is_dense_and_every_weight_trains(tmp_path, tokenizer_c
 
 def test_the_warm_starts_optimizer_never_pages_and_relora_s_does(tmp_path, tokenizer_cache, monkeypatch):
     # bnb keeps every paged buffer to the end of the process: the dropped full-rank state must not be paged
-    import lean_relora.train as train_module
+    import lean_relora.training.loop as train_module
 
     asked = []
     build = train_module.build_optimizer

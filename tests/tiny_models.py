@@ -7,7 +7,7 @@ import torch
 from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config,
                           Qwen2Config)
 
-from lean_relora.tokenizer import _train_bpe
+from lean_relora.data.tokenizer import _train_bpe
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
         "Language models predict the next token of a text.", "0123456789 + - * / = ( ) [ ] { }"]

@@ -1,0 +1,118 @@
+"""One training step and one evaluation of a built run (train.setup): micro-batches, gradient accumulation, the
+loss as training computes it (chunked, activations offloaded), the optimizer step with its NaN/inf skip.
+
+train.py owns the order of events; this module is what each step does, so that measure.py and the benchmarks run
+the very same step.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from lean_relora.model import gradinit
+from lean_relora.data.packing import document_positions
+from lean_relora.sysmem import release_freed_memory
+from lean_relora.model.loss import causal_lm_loss
+from lean_relora.model.offload import offloading
+from lean_relora.training.optim import optimizer_params
+from lean_relora.recipe import Recipe, RecipeError
+from lean_relora.training.run import Run
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device = 'cuda': no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast_context(recipe: Recipe, device: torch.device):
+    mode = recipe.train.autocast
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss over its tokens."""
+    recipe, state = run.recipe, run.state
+    run.model.train()
+    total = torch.zeros((), device=run.device)
+    ranks = run.ranks
+    for micro in range(recipe.train.grad_accum_steps):
+        ids, state.data = run.loader.get(state.micro_batches + ranks.rank)  # rank r of N: r, r + N, ...
+        ids = ids.to(run.device, non_blocking=True)
+        # DDP averages the gradients over the ranks once, in the step's last backward.
+        last = run.ddp is None or micro == recipe.train.grad_accum_steps - 1
+        with nullcontext() if last else run.ddp.no_sync():
+            with autocast_context(recipe, run.device):
+                loss = micro_batch_loss(run, ids) if run.ddp is None else run.ddp(ids)
+            # Every micro-batch has the same number of predicted tokens, so the mean of means is the exact token mean.
+            (loss / recipe.train.grad_accum_steps).backward()
+        total += loss.detach()
+        state.micro_batches += ranks.size
+        state.tokens += ids.numel() * ranks.size
+    # Every rank reports, and decides a skip on, the mean over all ranks' tokens.
+    loss = ranks.total(total).item() / (recipe.train.grad_accum_steps * ranks.size)
+    params = optimizer_params(run.optimizer)
+    # The norm is taken even without clipping (an infinite max_norm scales by exactly 1): a finite loss can still
+    # give an inf gradient, and one such update would leave NaN weights behind.
+    norm = nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip or math.inf)
+    if math.isfinite(loss) and math.isfinite(norm):
+        run.optimizer.step()
+        state.bad_steps = 0
+    else:  # skip: no update, moments untouched; the step and its micro-batches are spent
+        state.skipped += 1
+        state.bad_steps += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cpu":
+        release_freed_memory()  # the step's activations and gradients were host RAM: give it back, not keep it
+    state.step += 1
+    return loss
+
+
+def wrap_for_ranks(run: Run):
+    """run.ddp for the model that trains now: DistributedDataParallel over micro_batch_loss; None for one process."""
+    return run.ranks.wrap(run.model, lambda model, ids: micro_batch_loss(run, ids, model))
+
+
+def micro_batch_loss(run: Run, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch, as training and evaluation compute it (train.loss_chunk_tokens);
+    `model`: run.model as DDP hands it over (run.ddp's forward is this function)."""
+    with offloading(run.recipe.train.offloads and run.device.type == "cuda"):
+        return causal_lm_loss(model or run.model, ids, run.recipe.train.loss_chunk_tokens,
+                              position_ids=position_ids(run, ids))
+
+
+def gradient_init(run: Run) -> dict:
+    """relora.init = "gradient": each layer's A from its weight gradient under the step's own loss (gradinit.py)."""
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        with autocast_context(run.recipe, run.device):
+            return micro_batch_loss(run, ids)
+    return gradinit.reinit_from_gradient(run, loss_of)
+
+
+def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
+    """Per-document positions where the recipe keeps attention within documents; None: the model's own 0..L-1."""
+    return document_positions(ids, run.data.eos_token_id) if run.recipe.data.document_mask else None
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over the fixed eval blocks."""
+    run.model.eval()
+    losses, ranks = [], run.ranks
+    batches = run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches)
+    for ids in batches[ranks.rank::ranks.size]:  # each rank a share of the fixed eval batches
+        ids = ids.to(run.device)
+        with autocast_context(run.recipe, run.device):
+            loss = micro_batch_loss(run, ids)
+            losses.append(loss.float().item())
+    run.model.train()
+    total, count = ranks.sum(sum(losses), len(losses))  # one process: the sums as they are
+    return total / count
