@@ -86,7 +86,8 @@ def measured_run(model_dir: Path, steps: int) -> dict:
 
     from lean_relora.recipe import load_recipe
     from lean_relora.training.step import train_step
-    from lean_relora.training.loop import restart, setup
+    from lean_relora.training.loop import setup
+    from lean_relora.training.restart import restart
     from process_memory import beyond_tensors
 
     torch.set_num_threads(2)

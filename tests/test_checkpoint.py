@@ -23,7 +23,8 @@ from lean_relora.training.progress import Reporter
 from lean_relora.recipe import CheckpointConfig, load_recipe
 from lean_relora.model.relora import relora_layers
 from lean_relora.training.step import train_step
-from lean_relora.training.loop import TrainingDiverged, restart, setup, train
+from lean_relora.training.loop import TrainingDiverged, setup, train
+from lean_relora.training.restart import restart
 from test_train import run_dir, tiny_recipe, tokenizer_cache  # noqa: F401  (tokenizer_cache is a fixture)
 
 

@@ -22,7 +22,8 @@ from lean_relora.training import distributed
 from lean_relora.training.checkpoint import CHECKPOINTS
 from lean_relora.model.build import build_model
 from lean_relora.recipe import LoraConfig, ModelConfig
-from lean_relora.model.relora import merge_all, relora_layers, target_modules, wrap_model
+from lean_relora.training.restart import merge_cycle
+from lean_relora.model.relora import relora_layers, target_modules, wrap_model
 from test_cli import TINY, invoke
 
 # The tiny CLI recipe, long enough for 6 restarts (at steps 6, 10, ..., 26) and a checkpoint after each.
@@ -84,8 +85,8 @@ def _check_sharded(rank: int, ranks: distributed.Ranks, cfg: LoraConfig) -> None
     assert [layer.base.master is not None for layer in layers] == [o == rank for o in owners]
     assert ranks.gather(owners)[0] == owners  # every rank computes the same assignment
     # (b) the sharded merge leaves the stored base bit-identical to one process's merge, on every rank
-    merge_all(solo, torch.Generator().manual_seed(5))
-    ranks.merge(sharded, torch.Generator().manual_seed(5))
+    merge_cycle(solo, distributed.SOLO, torch.Generator().manual_seed(5))
+    merge_cycle(sharded, ranks, torch.Generator().manual_seed(5))  # the same routine, several ranks
     for one, this in zip(solo_layers, layers):
         stored = list(zip(one.base.stored_tensors(), this.base.stored_tensors()))
         assert stored and all(torch.equal(a, b) for a, b in stored)

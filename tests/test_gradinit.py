@@ -13,7 +13,8 @@ from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError, ReloraConfig
 from lean_relora.model.relora import ReLoRALinear, relora_layers, wrap_model
 from lean_relora.training.step import train_step
-from lean_relora.training.loop import restart, setup, train
+from lean_relora.training.loop import setup, train
+from lean_relora.training.restart import restart
 from test_train import records, run_dir, tiny_recipe, tokenizer_cache  # noqa: F401 (a fixture)
 
 

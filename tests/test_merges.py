@@ -5,7 +5,9 @@ import torch
 
 from lean_relora.training import merge_log as merges
 from lean_relora.recipe import LoraConfig
-from lean_relora.model.relora import merge_all, relora_layers, wrap_model
+from lean_relora.model.relora import relora_layers, wrap_model
+from lean_relora.training.distributed import SOLO
+from lean_relora.training.restart import merge_cycle
 
 
 def test_recorded_merges_sum_to_the_masters_update(tiny_llama, tmp_path):
@@ -17,7 +19,7 @@ def test_recorded_merges_sum_to_the_masters_update(tiny_llama, tmp_path):
         for layer in relora_layers(model):
             layer.lora_B.data.normal_(generator=generator)
         merges.save(model, tmp_path, step)
-        merge_all(model, generator)
+        merge_cycle(model, SOLO, generator)
     for layer in relora_layers(model):  # the cycle in progress, as a checkpoint at step 20 would hold it
         layer.lora_B.data.normal_(generator=generator)
     assert [p.name for p in merges.recorded(tmp_path, before=15)] == ["step-00000005.safetensors",

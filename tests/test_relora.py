@@ -9,8 +9,10 @@ from transformers.pytorch_utils import Conv1D
 from lean_relora.tools.export import merged_layer
 from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError
-from lean_relora.model.relora import (FROZEN_WARNING, ReLoRALinear, decoder_blocks, lora_parameters, merge_all,
+from lean_relora.model.relora import (FROZEN_WARNING, ReLoRALinear, decoder_blocks, lora_parameters,
                                 relora_layers, set_trainable, target_modules, target_summary, wrap_model)
+from lean_relora.training.distributed import SOLO
+from lean_relora.training.restart import merge_cycle
 from test_quant import QUANTS, TOLERANCE, weight
 from tiny_models import CONFIGS, VOCAB
 
@@ -131,7 +133,7 @@ def test_trainable_set_is_lora_plus_full_rank_embeddings_norms_head(tiny_llama, 
         assert all("embed" in n or "norm" in n or "lm_head" in n for n in full_rank)
 
 
-def test_merge_all_touches_layers_one_at_a_time(tiny_llama):
+def test_a_restart_merges_the_layers_one_at_a_time(tiny_llama):
     model = tiny_llama()
     wrap_model(model, LoraConfig(rank=4, quant="nf4"), keep_master=True, dtype=torch.float32)
     events, layers = [], relora_layers(model)
@@ -144,7 +146,7 @@ def test_merge_all_touches_layers_one_at_a_time(tiny_llama):
             events.append(("end", i))
 
         layer.base.load_dense = record
-    merge_all(model)
+    merge_cycle(model, SOLO)
     assert events == [(kind, i) for i in range(len(layers)) for kind in ("start", "end")]
 
 

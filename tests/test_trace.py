@@ -5,7 +5,8 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from lean_relora.recipe import DataConfig, LoraConfig, ModelConfig, OptimConfig, Recipe, ReloraConfig, TrainConfig
-from lean_relora.model.relora import merge_all
+from lean_relora.training.distributed import SOLO
+from lean_relora.training.restart import merge_cycle
 from lean_relora.memory.trace import build_for_phase, model_tensors, run_step, trace
 
 VOCAB = 512
@@ -30,7 +31,7 @@ def measured_peak(recipe: Recipe, phase: str = "relora") -> int:
     """Peak live tensor bytes of a real steady-state CPU training step, by torch's own MemTracker."""
     torch.manual_seed(0)
     model, optimizer = build_for_phase(recipe, VOCAB, phase)
-    merge_all(model)  # the steady state of a run is after a restart, as the trace takes it
+    merge_cycle(model, SOLO)  # the steady state of a run is after a restart, as the trace takes it
     ids = torch.randint(0, VOCAB, (recipe.train.micro_batch_size, recipe.data.seq_len))
     run_step(model, optimizer, [ids], autocast=False, loss_chunk_tokens=recipe.train.loss_chunk_tokens)  # the first step creates the optimizer state
     if recipe.train.grad_accum_steps > 1:  # later micro-batches of a step find the gradients there

@@ -22,7 +22,8 @@ from lean_relora.training.schedule import JaggedCosine
 from lean_relora.training.run import Run, TrainState
 from lean_relora.memory.trace import LiveBytes, model_tensors
 from lean_relora.training.step import train_step
-from lean_relora.training.loop import restart, start_relora, start_warm
+from lean_relora.training.loop import start_relora, start_warm
+from lean_relora.training.restart import restart
 
 
 class RandomTokens:

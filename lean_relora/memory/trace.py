@@ -25,7 +25,9 @@ from lean_relora.model.offload import offloading
 from lean_relora.training.optim import build_optimizer
 from lean_relora.model.frozen_base import quant_state_tensors
 from lean_relora.recipe import Recipe
-from lean_relora.model.relora import merge_all, relora_layers, set_trainable, wrap_model
+from lean_relora.model.relora import relora_layers, set_trainable, wrap_model
+from lean_relora.training.distributed import SOLO
+from lean_relora.training.restart import merge_cycle
 
 
 class LiveBytes(TorchDispatchMode):
@@ -125,7 +127,7 @@ def trace(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch_si
         model, optimizer = build_for_phase(recipe, vocab_size, phase)
         # Measured after a restart, as most of a run is: a merge requantizes every base (what it records then is
         # what the forward and backward of every later step dequantize to).
-        merge_all(model)
+        merge_cycle(model, SOLO)
         model.train()
         ids = torch.randint(0, vocab_size, (micro_batch_size, recipe.data.seq_len))
         tracker = LiveBytes(*model_tensors(model), ids)

@@ -95,6 +95,15 @@ class FrozenBase(nn.Module):
         del dense
         self.probe.observe(self.dequantize())
 
+    @torch.no_grad()
+    def add_low_rank_elsewhere(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+        """Another rank merges this layer (it keeps the master): record the update in the retention probe only; the
+        merged stored form arrives by broadcast, then `observe_stored` samples it."""
+        self.probe.add_low_rank(up, down, scale)
+
+    def observe_stored(self) -> None:
+        self.probe.observe(self.dequantize())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant in FOUR_BIT:
             bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -24,7 +24,6 @@ cycle's update follow the best rank-r part of the gradient instead of a random p
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable
 
 import torch
@@ -32,7 +31,6 @@ from torch import nn
 
 from lean_relora.recipe import RecipeError
 from lean_relora.model.relora import relora_layers
-from lean_relora.training.run import Run
 
 OVERSAMPLING = 8  # extra sketch columns beyond the rank: Halko et al.'s p = 5..10 makes the range finder's error
                   # close to the best rank-r error with high probability
@@ -160,21 +158,3 @@ def init_from_gradient(model: nn.Module, batches: list[torch.Tensor], loss_of: C
     with torch.no_grad():
         for layer, sketch in zip(layers, sketches):
             layer.lora_A.copy_(KAIMING_ROW_NORM * sketch.right_vectors(layer.rank))
-
-
-def reinit_from_gradient(run: Run, loss_of: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    """The loop's gradient init: the next relora.init_batches micro-batches of the data order (so a resumed run
-    takes the same ones), both passes counted in the run's tokens. Returns the record for the restart's line."""
-    start, state = time.perf_counter(), run.state
-    run.model.train()  # as the step runs it (gradient checkpointing is on only in training mode)
-    batches = []
-    for _ in range(run.recipe.relora.init_batches):
-        ids, state.data = run.loader.get(state.micro_batches)
-        batches.append(ids.to(run.device, non_blocking=True))
-        state.micro_batches += 1
-    init_from_gradient(run.model, batches, loss_of, run.generator)
-    tokens = 2 * sum(ids.numel() for ids in batches)
-    state.tokens += tokens
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    return {"init_seconds": time.perf_counter() - start, "init_tokens": tokens}

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lean_relora.sysmem import release_freed_memory
-from lean_relora.model.master import DiskMasters, RamMaster
+from lean_relora.model.master import DiskMaster, DiskMasters, RamMaster
 from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError
 
@@ -65,9 +65,18 @@ class ReLoRALinear(nn.Module):
         return out.add_(lora.to(out.dtype), alpha=self.scale)
 
     @torch.no_grad()
+    def merge(self, here: bool = True) -> None:
+        """W <- W + s B A, in fp32 from the master where there is one. `here=False`: another rank keeps this layer's
+        master and merges it; this one only records the update (its stored base arrives by broadcast)."""
+        if here:
+            self.base.add_low_rank_(self.lora_B, self.lora_A, self.scale)
+        else:
+            self.base.add_low_rank_elsewhere(self.lora_B, self.lora_A, self.scale)
+
+    @torch.no_grad()
     def merge_and_reinit(self, generator: torch.Generator | None = None) -> None:
         """W <- W + s B A (in fp32), then a fresh cycle: A re-drawn, B = 0."""
-        self.base.add_low_rank_(self.lora_B, self.lora_A, self.scale)
+        self.merge()
         self.reset_lora(generator)
 
     def extra_repr(self) -> str:
@@ -162,12 +171,17 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in relora_layers(model) for p in (layer.lora_A, layer.lora_B)]
 
 
-@torch.no_grad()
-def merge_all(model: nn.Module, generator: torch.Generator | None = None) -> None:
-    """The model-level restart: merge and re-init each layer in turn, so the merge transient is one layer's."""
-    for layer in relora_layers(model):
-        layer.merge_and_reinit(generator)
-        release_freed_memory()
+def retention(model: nn.Module) -> float:
+    """The share of every update merged so far that the stored bases still hold (frozen_base.RetentionProbe), over
+    all layers: 1.0 = nothing rounded away."""
+    terms = [layer.base.probe.terms() for layer in relora_layers(model)]
+    return sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
+
+
+def disk_master_stores(model: nn.Module) -> list[DiskMasters]:
+    """The stores holding the model's disk masters, each once."""
+    stores = {id(m.store): m.store for layer in relora_layers(model) if isinstance(m := layer.base.master, DiskMaster)}
+    return list(stores.values())
 
 
 def set_trainable(model: nn.Module, cfg: LoraConfig) -> None:

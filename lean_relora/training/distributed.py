@@ -7,10 +7,10 @@ grad_accum_steps sequences, and with N ranks of micro-batch m it sees the sequen
 would.
 
 A layer's fp32 master lives on one rank only, its owner (`owners`: greedy by bytes, the same on every rank). At a
-restart each owner merges its layers (master += s B A, requantize), then every layer's stored form (codes and the
-quant state: 4-bit absmax, nested statistics, int8 row absmax) is broadcast from its owner, so the bases stay
-bit-identical and the merge work and the masters' host RAM are divided by N. LoRA re-initialisation and the optimizer
-reset draw from the run's generator, which has the same seed and sees the same draws on every rank.
+restart (training/restart.py, the one routine for one process and several) each owner merges its layers, then every
+layer's stored form (codes and the quant state: 4-bit absmax, nested statistics, int8 row absmax) is broadcast from
+its owner (`broadcast_bases`), so the bases stay bit-identical and the merge work and the masters' host RAM are
+divided by N. This module decides owners and moves tensors; it merges nothing itself.
 
 A single process (WORLD_SIZE unset or 1) gets SOLO: no process group, no wrapper, every collective the identity.
 """
@@ -30,9 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lean_relora.sysmem import release_freed_memory
 from lean_relora.recipe import Recipe
-from lean_relora.model.relora import ReLoRALinear, merge_all, relora_layers
+from lean_relora.model.relora import ReLoRALinear
 
 BACKEND = "cpu:gloo,cuda:nccl"  # CPU tensors (flags, Python objects) over gloo, CUDA tensors over NCCL
 TIMEOUT = timedelta(minutes=30)  # a rank waiting this long on the others gives up (a merge of 7B takes minutes)
@@ -141,28 +140,13 @@ class Ranks:
         return {name for (name, _), rank in zip(named, owners) if rank == self.rank}
 
     @torch.no_grad()
-    def merge(self, model: nn.Module, generator: torch.Generator | None) -> None:
-        """The restart's merge. One process: merge_all. Several: each rank merges the layers it owns, all ranks at
-        once; then each layer's stored form comes from its owner; then every rank re-draws the factors in layer
-        order, as merge_all does."""
+    def broadcast_bases(self, layers: list[ReLoRALinear], owners: list[int]) -> None:
+        """Every layer's stored base (codes and quant state) from the rank that merged it to all others."""
         if not self.several:
-            merge_all(model, generator)
             return
-        layers = relora_layers(model)
-        owners = self.owners([layer.base.in_features * layer.base.out_features for layer in layers])
-        for layer, owner in zip(layers, owners):
-            if owner == self.rank:
-                layer.base.add_low_rank_(layer.lora_B, layer.lora_A, layer.scale)
-                release_freed_memory()
-            else:  # the retention probe is a sample of the update: cheap, kept on every rank like the rest
-                layer.base.probe.add_low_rank(layer.lora_B, layer.lora_A, layer.scale)
         for layer, owner in zip(layers, owners):
             for tensor in layer.base.stored_tensors():
                 dist.broadcast(tensor, owner)
-            if owner != self.rank:
-                layer.base.probe.observe(layer.base.dequantize())
-        for layer in layers:
-            layer.reset_lora(generator)
 
     def check_identical(self, layers: list[ReLoRALinear]) -> str:
         """The sha256 of every stored base, the same on every rank; RuntimeError naming the first layer that

@@ -35,7 +35,8 @@ from lean_relora.model.relora import (lora_parameters, relora_layers, set_traina
                                 wrap_model)
 from lean_relora.training.schedule import JaggedCosine
 from lean_relora.training.sinks import check_sinks, open_sinks
-from lean_relora.training.step import evaluate, gradient_init, resolve_device, train_step, wrap_for_ranks
+from lean_relora.training.restart import gradient_init, restart
+from lean_relora.training.step import evaluate, resolve_device, train_step, wrap_for_ranks
 from lean_relora.training.run import Run, TrainState
 
 log = logging.getLogger(__name__)
@@ -148,34 +149,6 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
         run.model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     run.optimizer = build_optimizer(run.model, recipe.optim, run.device)
     run.ddp = wrap_for_ranks(run)
-
-
-def restart(run: Run) -> dict:
-    """Merge every layer's factors into its base, re-init them, partly reset their optimizer state.
-    Returns the restart record: merge time and the cumulative retention of all merges so far (see RetentionProbe)."""
-    start = time.perf_counter()
-    run.ranks.merge(run.model, run.generator)  # one process: merge_all; several: each rank its own layers
-    for store in {id(s): s for s in disk_stores(run.model)}.values():
-        store.collect()  # the previous generation now lives on only in the checkpoints that link it
-    relora = run.recipe.relora
-    reset_state(run.optimizer, lora_parameters(run.model), relora.reset, relora.reset_ratio, run.generator)
-    run.state.restarts += 1
-    init = {}
-    if relora.init == "gradient":  # after the merge: the gradient of the function the new cycle starts from
-        init = gradient_init(run)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    terms = [layer.base.probe.terms() for layer in relora_layers(run.model)]
-    retention = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1e-300)
-    record = {"step": run.state.step, "restart": run.state.restarts, "retention": retention, **init,
-              "merge_seconds": time.perf_counter() - start - init.get("init_seconds", 0.0)}
-    if run.ranks.several and run.recipe.relora.check_ranks:
-        record["bases_sha256"] = run.ranks.check_identical(relora_layers(run.model))
-    return record
-
-
-def disk_stores(model: nn.Module) -> list[DiskMasters]:
-    return [layer.base.master.store for layer in relora_layers(model) if isinstance(layer.base.master, DiskMaster)]
 
 
 def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None, resume: str | Path | None = None,

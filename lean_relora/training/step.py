@@ -13,7 +13,6 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from lean_relora.model import gradinit
 from lean_relora.data.packing import document_positions
 from lean_relora.sysmem import release_freed_memory
 from lean_relora.model.loss import causal_lm_loss
@@ -87,14 +86,6 @@ def micro_batch_loss(run: Run, ids: torch.Tensor, model: nn.Module | None = None
     with offloading(run.recipe.train.offloads and run.device.type == "cuda"):
         return causal_lm_loss(model or run.model, ids, run.recipe.train.loss_chunk_tokens,
                               position_ids=position_ids(run, ids))
-
-
-def gradient_init(run: Run) -> dict:
-    """relora.init = "gradient": each layer's A from its weight gradient under the step's own loss (gradinit.py)."""
-    def loss_of(ids: torch.Tensor) -> torch.Tensor:
-        with autocast_context(run.recipe, run.device):
-            return micro_batch_loss(run, ids)
-    return gradinit.reinit_from_gradient(run, loss_of)
 
 
 def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
