@@ -44,8 +44,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
-import os
 import platform
 import statistics
 import subprocess
@@ -60,12 +58,15 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # measure the checkout this script is in, not whichever lean_relora is installed
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # json_out beside this file, also when imported
 
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
+
+from json_out import write_json  # noqa: E402
 
 from lean_relora.loss import causal_lm_loss  # noqa: E402
 from lean_relora.measure import measure, relora_run  # noqa: E402
@@ -83,20 +84,6 @@ CUDA_TESTS = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "
 
 
 # ---------------------------------------------------------------------------------------------------------- files
-
-def write_json(path: Path, obj) -> None:
-    """Write `obj` to `path` atomically: a reader (or a run killed mid-write) sees the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the results readable by their writer alone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 class PartFile:
     """One part's JSON file. `data` is what the part has so far; save() rewrites the file with it."""
