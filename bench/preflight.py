@@ -1,7 +1,8 @@
 """Preflight: in about a minute, does lean-relora run on this machine at all? The first stage of bench/gpu_run.sh, so
 that a short GPU window finds a broken install before it spends minutes measuring.
 
-Checks, each caught on its own and written to OUT/preflight.json as soon as it ends:
+Checks, each caught on its own (what it found is kept beside its error) and written to OUT/preflight.json as soon as
+it ends:
   imports: the version of every package lean-relora and the benchmarks use (a missing peft is noted, not a failure),
            which lean_relora is imported, and which bitsandbytes native library was loaded (its CUDA build or none);
   step:    the tiny recipe's ReLoRA phase on --device (nf4 base, paged 8-bit AdamW on CUDA), on random tokens: one
@@ -44,8 +45,9 @@ def metadata_version(module: str) -> str | None:
         return None
 
 
-def imports(device: str) -> dict:
-    out, missing = {"python": platform.python_version(), "executable": sys.executable}, []
+def imports(device: str, out: dict) -> None:
+    out.update(python=platform.python_version(), executable=sys.executable)
+    missing = []
     for name in REQUIRED + OPTIONAL:
         try:
             module = importlib.import_module(name)
@@ -74,10 +76,9 @@ def imports(device: str) -> dict:
         raise RuntimeError("--device cuda: torch sees no CUDA device")
     if device == "cuda" and out.get("bnb_library") != "CudaBNBNativeLibrary":
         raise RuntimeError(f"bitsandbytes loaded no CUDA library ({out.get('bnb_library')})")
-    return out
 
 
-def step(device: str) -> dict:
+def step(device: str, out: dict) -> None:
     from dataclasses import replace
 
     import torch
@@ -96,14 +97,13 @@ def step(device: str) -> dict:
     first = train_step(run)
     record = restart(run)
     second = train_step(run)
-    out = {"quant": recipe.lora.quant, "optimizer": type(run.optimizer).__name__, "build_seconds": built,
-           "loss_before_restart": first, "loss_after_restart": second, "merge_seconds": record["merge_seconds"],
-           "retention": record["retention"], "seconds": time.perf_counter() - start}
+    out.update(quant=recipe.lora.quant, optimizer=type(run.optimizer).__name__, build_seconds=built,
+               loss_before_restart=first, loss_after_restart=second, merge_seconds=record["merge_seconds"],
+               retention=record["retention"], seconds=time.perf_counter() - start)
     if device == "cuda":
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     if not (math.isfinite(first) and math.isfinite(second)):
         raise RuntimeError(f"non-finite loss: {first} before the restart, {second} after")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report, started, path = {"device": args.device}, time.perf_counter(), args.out / "preflight.json"
     for name, check in (("imports", imports), ("step", step)):
-        begun = time.perf_counter()
+        begun, record = time.perf_counter(), {"status": "running"}
+        report[name] = record
+        write_json(path, report)
         try:
-            report[name] = {"status": "ok", **check(args.device)}
+            check(args.device, record)  # fills `record` as it goes: what it found stays beside a failure
+            record["status"] = "ok"
         except Exception as error:
-            report[name] = {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                            "traceback": traceback.format_exc()}
+            record.update(status="failed", error=f"{type(error).__name__}: {error}",
+                          traceback=traceback.format_exc())
         report[name]["check_seconds"] = time.perf_counter() - begun
         report["seconds"] = time.perf_counter() - started
         write_json(path, report)

@@ -180,3 +180,31 @@ def test_throughput_steps_every_variant_through_the_chunked_loss(ga, monkeypatch
     assert result["status"] == "ok" and result["loss_chunk_tokens"] > 0
     assert set(result["variants"]) == set(built)
     assert all(v["tokens_per_s"] > 0 and len(v["step_seconds"]) == 2 for v in result["variants"].values())
+
+
+def load_preflight():
+    spec = importlib.util.spec_from_file_location("preflight", ROOT / "bench" / "preflight.py")
+    module = sys.modules["preflight"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_preflight_on_a_cpu_takes_a_step_restarts_and_records_the_versions(tmp_path):
+    assert load_preflight().main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "preflight.json").read_text())
+    assert report["imports"]["status"] == "ok" and report["imports"]["torch"] == torch.__version__
+    assert Path(report["imports"]["lean_relora"]) == ROOT / "lean_relora"  # this checkout, not an installed copy
+    step = report["step"]
+    assert step["status"] == "ok" and step["quant"] == "nf4" and step["merge_seconds"] > 0
+    assert 0.9 < step["retention"] <= 1.0 + 1e-6
+    assert 0 < step["loss_after_restart"] < 20 and 0 < step["loss_before_restart"] < 20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the failure a machine without CUDA gives")
+def test_preflight_keeps_what_a_failed_check_found_and_runs_the_next(tmp_path):
+    assert load_preflight().main(["--device", "cuda", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "preflight.json").read_text())
+    imports = report["imports"]
+    assert imports["status"] == "failed" and imports["error"] == "RuntimeError: --device cuda: torch sees no CUDA device"
+    assert imports["torch"] == torch.__version__ and imports["cuda_available"] is False
+    assert report["step"]["status"] == "failed" and "traceback" in report["step"]
