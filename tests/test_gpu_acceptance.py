@@ -205,6 +205,7 @@ def test_preflight_keeps_what_a_failed_check_found_and_runs_the_next(tmp_path):
     assert load_preflight().main(["--device", "cuda", "--out", str(tmp_path)]) == 1
     report = json.loads((tmp_path / "preflight.json").read_text())
     imports = report["imports"]
-    assert imports["status"] == "failed" and imports["error"] == "RuntimeError: --device cuda: torch sees no CUDA device"
+    assert imports["status"] == "failed"
+    assert imports["error"] == "RuntimeError: --device cuda: torch sees no CUDA device"
     assert imports["torch"] == torch.__version__ and imports["cuda_available"] is False
     assert report["step"]["status"] == "failed" and "traceback" in report["step"]
