@@ -18,7 +18,7 @@
 #
 #   bash bench/gpu_run.sh [--out DIR] [--device cuda|cpu]     # OUT: --out, else $OUT, else results/gpu_run
 #   PYTHON=/path/to/python bash bench/gpu_run.sh --device cpu   # the same on a CPU (reduced sizes, 10 rounds in
-#                                                               # part b), end to end: ~4 minutes on 2 loaded cores
+#                                                               # part b), end to end: 2-4 minutes on 2 loaded cores
 #
 # Python: $PYTHON, else the repo's .venv/bin/python if there is one, else python3. lean_relora comes from this
 # checkout through PYTHONPATH, never `pip install -e .`: that builds with hatchling in an isolated environment,
