@@ -45,7 +45,7 @@ def locate(name: str, marker: str = CONFIG) -> dict:
         raise HubError("not a local directory, and as a hub name it is not in the local hub cache while the machine "
                        "is offline (HF_HUB_OFFLINE=1); download it where the hub is reachable (hf download "
                        f"{name}) or give a local directory")
-    unreachable, problem = _probe(name, marker)
+    unreachable, problem = _ask_hub(name, marker)
     if problem is None:
         return {}
     if unreachable and cached:
@@ -54,7 +54,7 @@ def locate(name: str, marker: str = CONFIG) -> dict:
 
 
 @lru_cache(maxsize=None)  # one probe per name and process: an estimate builds the model several times
-def _probe(name: str, marker: str) -> tuple[bool, str | None]:
+def _ask_hub(name: str, marker: str) -> tuple[bool, str | None]:
     """(whether the hub was unreachable, what is wrong with repository `name` and what to do; None: it has
     `marker`)."""
     try:

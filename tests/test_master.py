@@ -53,7 +53,7 @@ def test_disk_master_run_equals_ram_master_run_and_checkpoints_link_the_masters(
     train(disk(recipe), directory)
     assert step_losses(directory) == step_losses(tmp_path / "ram")
     latest, _ = checkpoint.find_latest(directory)
-    linked = sorted((latest / checkpoint.MASTERS).iterdir())
+    linked = sorted((latest / checkpoint.CHECKPOINT_MASTERS).iterdir())
     assert len(linked) == 14  # 2 layers x 7 projections
     current = directory / "master" / "gen-000002"  # two restarts: steps 4 and 8
     for file in linked:

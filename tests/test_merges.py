@@ -18,7 +18,7 @@ def test_recorded_merges_sum_to_the_masters_update(tiny_llama, tmp_path):
     for step in (5, 10, 15):  # three cycles trained (random B), each merged at a restart
         for layer in relora_layers(model):
             layer.lora_B.data.normal_(generator=generator)
-        merges.save(model, tmp_path, step)
+        merges.record(model, tmp_path, step)
         merge_cycle(model, SOLO, generator)
     for layer in relora_layers(model):  # the cycle in progress, as a checkpoint at step 20 would hold it
         layer.lora_B.data.normal_(generator=generator)

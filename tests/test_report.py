@@ -103,7 +103,7 @@ def test_spectrum_of_a_relora_run_exceeds_the_lora_rank(runs, tmp_path):
     # The update is a sum of one rank-2 product per cycle: above that rank only fp32 rounding is left. A W_start
     # that was not exactly where training started would leave a full-rank difference instead.
     for name, cycles in CYCLES.items():
-        s = spectrum.measure(runs / name)
+        s = spectrum.spectrum_of(runs / name)
         assert s.layer == "model.layers.0.mlp.down_proj" and s.effective_rank == printed[name][2]
         assert RANK < s.effective_rank <= RANK * cycles
         assert s.singular_values[RANK * cycles] < 1e-5 * s.singular_values[0]
@@ -121,7 +121,7 @@ def test_spectrum_is_the_relora_phase_alone_after_its_start_was_pruned(runs, tmp
     for path in (pruned / "checkpoints").glob("step-*"):
         if path.name != end.name:
             shutil.rmtree(path)
-    s = spectrum.measure(pruned)
+    s = spectrum.spectrum_of(pruned)
     assert s.start == "ReLoRA, step 3" and s.end == end.name
     expected = torch.linalg.svdvals(known).numpy()
     np.testing.assert_allclose(s.singular_values[:RANK * 2], expected[:RANK * 2], rtol=1e-4)

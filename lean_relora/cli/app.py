@@ -98,6 +98,7 @@ def train(
         from lean_relora.training.checkpoint import RECIPE, read_state, resolve
         from lean_relora.recipe import load_recipe
         from lean_relora.training.loop import train as run_training
+        from lean_relora.training.progress import METRICS
 
         overrides = list(set_ or [])
         if max_steps is not None and max_steps < 1:
@@ -115,7 +116,7 @@ def train(
         else:
             loaded = load_recipe(recipe, overrides)
             run_dir = ranks.broadcast(run_dir or new_run_dir(recipe))  # one directory for the job, named by rank 0
-            if (run_dir / "metrics.jsonl").exists():
+            if (run_dir / METRICS).exists():
                 raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
                                 "or continue it with --resume auto")
         if not force:
@@ -314,7 +315,7 @@ def report_(
         report.out_directory(out, create=False)
         spectra = []
         if spectrum:  # the slow part, and it may still find bad input (no checkpoint, unknown layer)
-            spectra = [spectral.measure(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
+            spectra = [spectral.spectrum_of(d, layer, label) for d, label in zip(run_dirs, report.labels(run_dirs))]
         paths = report.plot_runs(runs, out, report.schedules(run_dirs))
         if spectra:
             paths.append(spectral.plot_spectrum(spectra, out))

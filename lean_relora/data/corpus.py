@@ -19,6 +19,10 @@ from lean_relora.recipe import DataConfig
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SNIFF = 64 * 1024  # bytes of each .txt file read to tell text from binary
+# The recipe fields (data.*) that choose the documents and split them into train and eval: a tokenizer trained on
+# them (tokenizer.py) and prepared token files (token_files.py) record these, and are refused when they differ.
+DOCUMENT_KEYS = ("source", "hub_config", "split", "text_column", "max_documents", "eval_fraction", "eval_documents",
+                 "shuffle_seed")
 
 
 class DataError(ValueError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lean_relora.data.corpus import DataError
+from lean_relora.data.corpus import DOCUMENT_KEYS, DataError
 from lean_relora.recipe import DataConfig
 from lean_relora.data.tokenizer import SAVED as TOKENIZER  # the directory name a run keeps its tokenizer under, too
 
@@ -32,8 +32,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 # The recipe fields that decide which documents are prepared and how they are tokenized (not seq_len: blocks are cut
 # when read).
-DATA_KEYS = ("source", "hub_config", "split", "text_column", "max_documents", "eval_fraction", "eval_documents",
-             "shuffle_seed", "tokenizer", "bpe_vocab_size")
+DATA_KEYS = (*DOCUMENT_KEYS, "tokenizer", "bpe_vocab_size")
 
 
 def is_prepared(cfg: DataConfig) -> bool:

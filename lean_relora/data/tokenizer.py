@@ -13,7 +13,7 @@ import datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from lean_relora.data.corpus import DataError, load_documents
+from lean_relora.data.corpus import DOCUMENT_KEYS, DataError, load_documents
 from lean_relora.hub import TOKENIZER, HubError, locate
 from lean_relora.recipe import DataConfig
 
@@ -59,9 +59,7 @@ def saved_tokenizer(run_dir: Path):
 
 def _bpe_fingerprint(cfg: DataConfig) -> dict:
     # Everything that changes which documents the BPE is trained on, plus its size.
-    keys = ("source", "hub_config", "split", "text_column", "max_documents", "eval_fraction", "eval_documents",
-            "shuffle_seed", "bpe_vocab_size")
-    return {"format": 1, **{k: getattr(cfg, k) for k in keys}}
+    return {"format": 1, **{k: getattr(cfg, k) for k in (*DOCUMENT_KEYS, "bpe_vocab_size")}}
 
 
 def _train_bpe(documents, vocab_size: int) -> PreTrainedTokenizerFast:

@@ -27,9 +27,10 @@ from lean_relora.training.restart import restart
 
 
 class RandomTokens:
-    """Stands in for PackedData: uniform random blocks, the same for the same micro-batch index."""
+    """A BatchSource of uniform random blocks, the same for the same micro-batch index (the place of PackedData)."""
 
     num_train_blocks = None
+    eos_token_id = None
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
@@ -38,8 +39,15 @@ class RandomTokens:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         return torch.randint(0, self.vocab_size, (batch, self.seq_len), generator=generator)
 
+    def eval_batches(self, batch: int, count: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed((self.seed + 1) * 7_919_000_003)  # blocks training never draws
+        return [torch.randint(0, self.vocab_size, (batch, self.seq_len), generator=generator) for _ in range(count)]
+
     def state_dict(self) -> dict:
         return {}  # the index is the whole position
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 @dataclass
@@ -72,9 +80,7 @@ def relora_run(recipe: Recipe, vocab_size: int, device: torch.device, warm_start
     with `warm_start`, after one step of the full-rank warm start, as a run with relora.warm_start_steps gets it."""
     torch.manual_seed(recipe.train.seed)
     model = build_model(recipe.model, vocab_size, recipe.data.seq_len)
-    r = recipe.relora
-    schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
-                            r.restart_every, r.restart_warmup_steps, r.warm_start_steps)
+    schedule = JaggedCosine.of(recipe)
     run = Run(recipe, device, RandomTokens(vocab_size, recipe.data.seq_len, recipe.train.seed), model, None,
               schedule, torch.Generator().manual_seed(recipe.train.seed), TrainState())
     if warm_start:

@@ -112,7 +112,7 @@ class FrozenBase(nn.Module):
             # Not bnb.matmul: with threshold 0 it quantizes the activations to int8 on CUDA and in CPU eval mode
             # (0.8-6% output error, and an fp16 cast that overflows bf16 activations) but not in CPU training.
             # The weight is int8; the activations stay as they are, on every device and in every mode.
-            x = x.to(compute_dtype(x))
+            x = x.to(matmul_dtype(x))
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return Int8WeightLinear.apply(x, self.codes, self.row_absmax, bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -189,8 +189,9 @@ class FrozenBase(nn.Module):
         return f"{self.in_features} -> {self.out_features}, quant={self.quant}{master}"
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on `x` runs in: autocast's where it is on, else x's own."""
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul with `x` runs in: autocast's where it is on, else x's own (the base's input here; the
+    output layer's weight in the chunked loss)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype

@@ -86,7 +86,7 @@ class Sketch:
         return vh[:rank] @ self.q.t()
 
 
-class _Probe(torch.autograd.Function):
+class _SketchTap(torch.autograd.Function):
     """Identity on a layer's output whose backward hands (input, output gradient) to the layer's sketch. The input is
     kept with save_for_backward, so gradient checkpointing recomputes it rather than this probe holding it."""
 
@@ -103,13 +103,13 @@ class _Probe(torch.autograd.Function):
         return g, None, None
 
 
-def _probe_hook(sketch: Sketch):
+def _sketch_hook(sketch: Sketch):
     def hook(module, args, output):
         if not torch.is_grad_enabled():
             return output
         if not output.requires_grad:  # nothing before this layer trains in the init passes: its gradient is not needed
             output = output.detach().requires_grad_()
-        return _Probe.apply(output, args[0].detach(), sketch)
+        return _SketchTap.apply(output, args[0].detach(), sketch)
     return hook
 
 
@@ -138,7 +138,7 @@ def init_from_gradient(model: nn.Module, batches: list[torch.Tensor], loss_of: C
     params = list(model.parameters())
     trainable = [p.requires_grad for p in params]
     device = layers[0].lora_A.device
-    handles = [layer.register_forward_hook(_probe_hook(s)) for layer, s in zip(layers, sketches)]
+    handles = [layer.register_forward_hook(_sketch_hook(s)) for layer, s in zip(layers, sketches)]
     start = _random_state(device)
     try:
         for p in params:

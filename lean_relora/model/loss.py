@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lean_relora.model.frozen_base import matmul_dtype
 from lean_relora.recipe import RecipeError
 
 IGNORE_INDEX = -100  # a label that is not predicted (HF's and torch's convention)
@@ -123,19 +124,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 None, None, None, None)
 
 
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the logits' matmul: autocast's where it is on (as `lm_head` would run), else the weight's."""
-    device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-
-
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_tokens: int,
                          transform: LogitTransform = LogitTransform()) -> torch.Tensor:
     """HF's causal LM loss from the final hidden states (batch, seq, h): position t predicts labels[:, t + 1],
     IGNORE_INDEX labels are left out, the mean is over the predicted tokens."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     total = ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets,
-                                            chunk_tokens, compute_dtype(head.weight), transform)
+                                            chunk_tokens, matmul_dtype(head.weight), transform)
     return total / (targets != IGNORE_INDEX).sum()
 
 

@@ -19,12 +19,13 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from lean_relora.durable import file_sha256, write_synced
 
-MASTER_DIR = "master"  # RUN_DIR/master: the disk masters of a run
+LIVE_MASTERS = "master"  # RUN_DIR/master: the disk masters the run trains with (a checkpoint links its own: CHECKPOINT_MASTERS)
 GENERATION = re.compile(r"gen-(\d{6,})")
 
 
@@ -123,6 +124,25 @@ class MappedMaster:
         if path is None:
             raise ValueError("a mapped master is restored from a checkpoint's file")
         self.path = Path(path)
+
+
+class Master(Protocol):
+    """An fp32 copy of one base weight that merges add into: RamMaster, DiskMaster or MappedMaster."""
+
+    def read(self) -> torch.Tensor: ...
+
+    def write(self, dense: torch.Tensor) -> None: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class MasterStore(Protocol):
+    """Where wrap_model gets each layer's master: DiskMasters for a run on disk, tools.rebuild.CheckpointMasters for
+    a model rebuilt from a checkpoint (None: each master in RAM)."""
+
+    def create(self, name: str, weight: torch.Tensor) -> Master:
+        """The master of layer `name`, holding `weight` (out x in)."""
 
 
 class DiskMasters:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lean_relora.sysmem import release_freed_memory
-from lean_relora.model.master import DiskMaster, DiskMasters, RamMaster
+from lean_relora.model.master import DiskMaster, DiskMasters, MasterStore, RamMaster
 from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import LoraConfig, RecipeError
 
@@ -136,7 +136,7 @@ def target_summary(model: nn.Module, targets: list[str]) -> tuple[str, str | Non
 
 def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torch.dtype,
                device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-               master_store: DiskMasters | None = None,
+               master_store: MasterStore | None = None,
                materialize: Callable[[str, nn.Module], None] | None = None, owned: set[str] | None = None) -> list[str]:
     """Replace every target nn.Linear or Conv1D by a ReLoRALinear on `device`, one layer at a time so that only one
     dense weight is ever on the device beside the quantized ones. With `keep_master` each base keeps an fp32 master,

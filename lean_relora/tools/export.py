@@ -24,14 +24,13 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils.hub import convert_file_size_to_int
 
 from lean_relora.training import checkpoint
-from lean_relora.data.packing import build_eval_data, document_positions
+from lean_relora.data.packing import build_eval_data
 from lean_relora.sysmem import release_freed_memory
-from lean_relora.model.loss import causal_lm_loss
 from lean_relora.model.relora import ReLoRALinear
 from lean_relora.tools.hf_shards import ShardWriter
 from lean_relora.data.tokenizer import SAVED, saved_tokenizer, tokenizer_name
 from lean_relora.tools.rebuild import Trained, load_trained
-from lean_relora.training.step import autocast_context, resolve_device
+from lean_relora.training.step import eval_loss, resolve_device
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP16_MAX = 65504.0
@@ -164,15 +163,7 @@ def evaluate_checkpoint(source: str | Path, data: str | None = None) -> dict:
     trained.model.to(device)
     cfg = recipe.data if data is None else dataclasses.replace(recipe.data, source=data)
     data = build_eval_data(cfg, run_tokenizer(trained))
-    batches = data.eval_batches(recipe.train.micro_batch_size, recipe.eval.batches)
-    losses = []
-    for ids in batches:
-        ids = ids.to(device)
-        positions = document_positions(ids, data.eos_token_id) if recipe.data.document_mask else None
-        with autocast_context(recipe, device):
-            losses.append(causal_lm_loss(trained.model, ids, recipe.train.loss_chunk_tokens,
-                                         position_ids=positions).float().item())
-    loss = sum(losses) / len(losses)
+    loss = eval_loss(trained.model, recipe, device, data)
+    tokens = sum(ids.numel() for ids in data.eval_batches(recipe.train.micro_batch_size, recipe.eval.batches))
     return {"checkpoint": str(trained.path), "step": checkpoint.read_state(trained.path)["train_state"]["step"],
-            "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "tokens": sum(ids.numel() for ids in batches),
-            "problems": trained.problems}
+            "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "tokens": tokens, "problems": trained.problems}

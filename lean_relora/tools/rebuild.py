@@ -41,7 +41,7 @@ class CheckpointMasters:
         self.files = files
 
     def create(self, name: str, weight: torch.Tensor) -> MappedMaster | RamMaster:
-        if f"{checkpoint.MASTERS}/{name}.base.f32" in self.files:  # saved under the FrozenBase's name, layer.base
+        if f"{checkpoint.CHECKPOINT_MASTERS}/{name}.base.f32" in self.files:  # saved under the FrozenBase's name, layer.base
             return MappedMaster(weight.shape)
         return RamMaster(weight)
 

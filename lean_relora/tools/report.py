@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = "metrics.jsonl"
+from lean_relora.training.progress import METRICS
+
 REPORT = "report"  # default output directory, inside the first run directory
 NEEDS_MATPLOTLIB = "lean-relora report needs matplotlib: pip install 'lean-relora[report]'"
 
@@ -109,7 +110,7 @@ def _restart_legend(ax, runs: dict[str, dict]) -> None:
 
 
 def outside_legend(ax, handles=None, names=None) -> None:
-    """The legend to the right of the axes, where it covers no data (save() keeps it in the picture)."""
+    """The legend to the right of the axes, where it covers no data (save_figure keeps it in the picture)."""
     if handles is None:
         handles, names = ax.get_legend_handles_labels()
     ax.legend(handles, names, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -182,13 +183,11 @@ def schedules(run_dirs: list[str | Path]) -> dict[str, tuple]:
             recipe = checkpoint.saved_recipe(checkpoint.find_latest(Path(run_dir), checksums=False)[0])
         except checkpoint.CheckpointError:
             continue
-        found[label] = (JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
-                                     recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
-                                     recipe.relora.warm_start_steps), recipe.optim.lr)
+        found[label] = (JaggedCosine.of(recipe), recipe.optim.lr)
     return found
 
 
-def save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Write a PNG through a temporary file and a rename: an interrupted report never leaves half a picture."""
     plt = pyplot()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
@@ -231,6 +230,6 @@ def plot_runs(runs: dict[str, dict[str, list[dict]]], out_dir: str | Path,
               schedules: dict[str, tuple] | None = None) -> list[Path]:
     """loss.png, lr.png and throughput.png of the runs (read_runs), overlaid, in out_dir. Returns their paths."""
     out_dir = out_directory(out_dir)
-    return [save(loss_figure(runs), out_dir / "loss.png"),
-            save(lr_figure(runs, schedules), out_dir / "lr.png"),
-            save(step_figure(runs, "tokens_per_s", "tokens/s", "throughput"), out_dir / "throughput.png")]
+    return [save_figure(loss_figure(runs), out_dir / "loss.png"),
+            save_figure(lr_figure(runs, schedules), out_dir / "lr.png"),
+            save_figure(step_figure(runs, "tokens_per_s", "tokens/s", "throughput"), out_dir / "throughput.png")]

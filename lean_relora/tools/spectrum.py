@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lean_relora.tools.report import ReportError, out_directory, outside_legend, pyplot, save
+from lean_relora.tools.report import ReportError, out_directory, outside_legend, pyplot, save_figure
 
 EFFECTIVE = 0.01  # singular values above this share of the largest count towards the effective rank
 
@@ -30,7 +30,7 @@ class Spectrum:
         return int((self.singular_values > EFFECTIVE * self.singular_values[0]).sum())
 
 
-def measure(run_dir: str | Path, layer: str | None = None, label: str | None = None) -> Spectrum:
+def spectrum_of(run_dir: str | Path, layer: str | None = None, label: str | None = None) -> Spectrum:
     """The singular values of the update of one weight matrix (default: the first ReLoRA down_proj) up to the newest
     intact checkpoint.
 
@@ -134,4 +134,4 @@ def plot_spectrum(spectra: list[Spectrum], out_dir: str | Path) -> Path:
     ax.set(xlabel="index", ylabel="singular value / largest",
            title=f"accumulated update of {', '.join(layers)}")
     outside_legend(ax)
-    return save(fig, out_dir / "spectrum.png")
+    return save_figure(fig, out_dir / "spectrum.png")

@@ -55,7 +55,7 @@ CHECKPOINTS, LATEST = "checkpoints", "latest"
 MODEL, BASE, TENSORS, STATE = "model.safetensors", "base.safetensors", "state.safetensors", "state.json"
 CONFIG, RECIPE, META = "config.json", "recipe.toml", "meta.json"
 OPTIMIZER_KEY, RNG_KEY = "optimizer.", "rng."  # key prefixes in state.safetensors
-MASTERS = "masters"  # disk masters of the checkpoint's merge generation, hard-linked: masters/<layer>.f32
+CHECKPOINT_MASTERS = "masters"  # in a checkpoint: the masters of the checkpoint's merge generation, hard-linked: masters/<layer>.f32
 NAME = re.compile(r"step-(\d{8,})")
 LIBRARIES = ("lean-relora", "torch", "bitsandbytes", "transformers", "safetensors", "datasets", "numpy")
 
@@ -108,8 +108,8 @@ def save(run: Run, run_dir: Path, keep_last: int) -> Path:
                     "recipe_digest": run.recipe.digest(), "versions": _versions(), "files": files}
             write_text(tmp / META, json.dumps(meta, indent=1))
             sync_dir(tmp)
-            if ranks.several and (tmp / MASTERS).is_dir():  # the other ranks' master files (none in a warm start)
-                sync_dir(tmp / MASTERS)
+            if ranks.several and (tmp / CHECKPOINT_MASTERS).is_dir():  # the other ranks' master files (none in a warm start)
+                sync_dir(tmp / CHECKPOINT_MASTERS)
             if final.exists():  # a checkpoint of an abandoned continuation: set aside, never overwritten
                 final.rename(root / f"{name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
             os.rename(tmp, final)
@@ -157,9 +157,9 @@ def _writers(run: Run):
         yield RECIPE, lambda path: write_text(path, run.recipe.to_toml())
     for name, module in modules:
         if module.master is not None and not module.master.in_memory:
-            yield f"{MASTERS}/{name}.f32", lambda path, master=module.master: _link_master(master, path)
+            yield f"{CHECKPOINT_MASTERS}/{name}.f32", lambda path, master=module.master: _link_master(master, path)
         elif module.master is not None and ranks.several:
-            yield f"{MASTERS}/{name}.f32", lambda path, master=module.master: _write_master(master, path)
+            yield f"{CHECKPOINT_MASTERS}/{name}.f32", lambda path, master=module.master: _write_master(master, path)
 
 
 def _write_master(master, path: Path) -> None:
@@ -338,7 +338,7 @@ def load_model_state(model: torch.nn.Module, path: Path) -> None:
     stores = {}
     for name, module in model.named_modules():
         if isinstance(module, FrozenBase):
-            prefix, file = f"{name}.", f"{MASTERS}/{name}.f32"
+            prefix, file = f"{name}.", f"{CHECKPOINT_MASTERS}/{name}.f32"
             module.load_extra_state({k[len(prefix):]: bases.get(k) for k in bases.files if k.startswith(prefix)},
                                     Path(path) / file if file in meta["files"] else None, generation,
                                     meta["files"].get(file, {}).get("sha256", ""))

@@ -23,13 +23,13 @@ from lean_relora.training import checkpoint
 from lean_relora.training import merge_log as merges
 from lean_relora.data.packing import build_data
 from lean_relora.training.distributed import SOLO, Ranks, join, resume_refusal
-from lean_relora.model.master import MASTER_DIR, DiskMaster, DiskMasters
+from lean_relora.model.master import LIVE_MASTERS, DiskMaster, DiskMasters
 from lean_relora.sysmem import map_large_allocations
 from lean_relora.model.loss import output_head
 from lean_relora.model.streamed import TensorSource, empty_pretrained, fill_remaining, streamable, streams
 from lean_relora.model.build import DTYPES, build_model, prepare_model, pretrained_config
 from lean_relora.training.optim import build_optimizer, reset_state, set_lr
-from lean_relora.training.progress import Reporter, command, drop_records_after
+from lean_relora.training.progress import METRICS, Reporter, command, drop_records_after
 from lean_relora.recipe import Recipe, RecipeError
 from lean_relora.model.relora import (lora_parameters, relora_layers, set_trainable, target_modules, target_summary,
                                 wrap_model)
@@ -107,9 +107,7 @@ def setup(recipe: Recipe, run_dir: Path, config: PretrainedConfig | None = None,
     log.info(selection)
     if warning:
         log.warning(warning)
-    schedule = JaggedCosine(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio,
-                            recipe.relora.restart_every, recipe.relora.restart_warmup_steps,
-                            recipe.relora.warm_start_steps)
+    schedule = JaggedCosine.of(recipe)
     run = Run(recipe, device, data, model, None, schedule, torch.Generator().manual_seed(recipe.train.seed),
               TrainState(), run_dir, ranks=ranks)
     if recipe.relora.warm_start_steps > 0:
@@ -139,7 +137,7 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     dtype = DTYPES[recipe.model.dtype]
     fill = None if source is None else lambda name, linear: source.fill(name, linear, run.device, dtype)
     wrap_model(run.model, recipe.lora, keep_master=keep_master, dtype=dtype, device=run.device,
-               generator=run.generator, master_store=DiskMasters(run.run_dir / MASTER_DIR) if on_disk else None,
+               generator=run.generator, master_store=DiskMasters(run.run_dir / LIVE_MASTERS) if on_disk else None,
                materialize=fill, owned=run.ranks.owned(target_modules(run.model, recipe.lora.targets)))
     if source is not None:
         fill_remaining(run.model, source, run.device, dtype)
@@ -182,10 +180,10 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     rebuild = found and recipe.model.pretrained and not streamable(recipe.model.pretrained)
     run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if rebuild else None, ranks)
     if found is not None and ranks.is_main:  # records of steps the resumed run redoes (killed past the checkpoint) go
-        drop_records_after(run_dir / "metrics.jsonl", checkpoint.read_state(found[0])["train_state"]["step"])
+        drop_records_after(run_dir / METRICS, checkpoint.read_state(found[0])["train_state"]["step"])
     if not ranks.is_main:  # logging, progress and metrics come from rank 0
         reporter = Reporter(Path(os.devnull), end, console=Console(file=io.StringIO()), live=False)
-    reporter = reporter or Reporter(run_dir / "metrics.jsonl", end,
+    reporter = reporter or Reporter(run_dir / METRICS, end,
                                     sinks=open_sinks(recipe.log, run_dir, recipe.to_dict()))
     reporter.line(f"run dir: {run_dir}")
     saved_step = _resume(run, *found, reporter) if found is not None else None
@@ -209,7 +207,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                               f"{init['init_seconds']:.2f} s)")
         elif schedule.is_restart(state.step):
             if ranks.is_main:  # what report --spectrum sums, whatever checkpoints remain
-                merges.save(run.model, run_dir, state.step)
+                merges.record(run.model, run_dir, state.step)
             reporter.restart(restart(run))
         lr = recipe.optim.lr * schedule(state.step)
         set_lr(run.optimizer, lr)

@@ -25,7 +25,7 @@ def path_of(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / DIRECTORY / f"step-{step:08d}.safetensors"
 
 
-def save(model: torch.nn.Module, run_dir: Path, step: int) -> Path:
+def record(model: torch.nn.Module, run_dir: Path, step: int) -> Path:
     """Record the factors every ReLoRA layer of `model` is about to merge (call it before merging), atomically."""
     tensors, scales = {}, set()
     for name, module in model.named_modules():

@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.progress import track
 from rich.text import Text
 
+METRICS = "metrics.jsonl"  # in the run directory
 MIN_BAR = 6  # columns: a narrower bar is dropped
 MAX_BAR = 30  # columns
 

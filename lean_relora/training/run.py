@@ -1,21 +1,41 @@
 """The state of a run that the loop, checkpoints and tools share: counters and the built objects.
 
-It sits below train.py and checkpoint.py so that both can name it without importing each other.
+It sits below loop.py and checkpoint.py so that both can name it without importing each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from lean_relora.data.packing import PackedData
 from lean_relora.training.distributed import SOLO, Ranks
 from lean_relora.data.prefetch import BatchLoader
 from lean_relora.recipe import Recipe
 from lean_relora.training.schedule import JaggedCosine
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Where a run's token blocks come from: data.packing.PackedData (documents, prepared files, a stream), or
+    memory.measure.RandomTokens. A micro-batch is a function of its index, so a resumed run reads the same ones."""
+
+    num_train_blocks: int | None  # None: a stream, whose length is unknown
+    eos_token_id: int | None
+
+    def train_batch(self, index: int, batch: int) -> torch.Tensor:
+        """Micro-batch `index` of the training order: batch x seq_len token ids."""
+
+    def eval_batches(self, batch: int, count: int) -> list[torch.Tensor]:
+        """The fixed held-out micro-batches, the same at every evaluation."""
+
+    def state_dict(self) -> dict:
+        """A stream's position ({} where the index alone says it)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -37,7 +57,7 @@ class TrainState:
 class Run:
     recipe: Recipe
     device: torch.device
-    data: PackedData
+    data: BatchSource
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     schedule: JaggedCosine

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lean_relora.recipe import Recipe
+
 
 @dataclass(frozen=True)
 class JaggedCosine:
@@ -21,6 +23,13 @@ class JaggedCosine:
     restart_every: int  # steps per ReLoRA cycle
     restart_warmup_steps: int  # steps of linear re-warm after each restart
     warm_start_steps: int = 0  # full-rank steps before the first cycle
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> JaggedCosine:
+        """The schedule a recipe trains with."""
+        r = recipe.relora
+        return cls(recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.min_lr_ratio, r.restart_every,
+                   r.restart_warmup_steps, r.warm_start_steps)
 
     def is_restart(self, step: int) -> bool:
         """Whether the LoRA factors are merged and re-initialised just before `step`."""

@@ -19,7 +19,8 @@ from lean_relora.model.loss import causal_lm_loss
 from lean_relora.model.offload import offloading
 from lean_relora.training.optim import optimizer_params
 from lean_relora.recipe import Recipe, RecipeError
-from lean_relora.training.run import Run
+from lean_relora.training.distributed import SOLO, Ranks
+from lean_relora.training.run import BatchSource, Run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,29 +82,37 @@ def wrap_for_ranks(run: Run):
 
 
 def micro_batch_loss(run: Run, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-    """The mean next-token loss of one micro-batch, as training and evaluation compute it (train.loss_chunk_tokens);
-    `model`: run.model as DDP hands it over (run.ddp's forward is this function)."""
-    with offloading(run.recipe.train.offloads and run.device.type == "cuda"):
-        return causal_lm_loss(model or run.model, ids, run.recipe.train.loss_chunk_tokens,
-                              position_ids=position_ids(run, ids))
+    """The mean next-token loss of one micro-batch of the run; `model`: run.model as DDP hands it over (run.ddp's
+    forward is this function)."""
+    return batch_loss(model or run.model, run.recipe, run.device, ids, run.data.eos_token_id)
 
 
-def position_ids(run: Run, ids: torch.Tensor) -> torch.Tensor | None:
-    """Per-document positions where the recipe keeps attention within documents; None: the model's own 0..L-1."""
-    return document_positions(ids, run.data.eos_token_id) if run.recipe.data.document_mask else None
+def batch_loss(model: nn.Module, recipe: Recipe, device: torch.device, ids: torch.Tensor,
+               eos_token_id: int | None) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch (ids: batch x seq_len) as training and every evaluation compute
+    it: chunked (train.loss_chunk_tokens), activations offloaded where the recipe says, positions restarting at each
+    document where data.document_mask says."""
+    positions = document_positions(ids, eos_token_id) if recipe.data.document_mask else None
+    with offloading(recipe.train.offloads and device.type == "cuda"):
+        return causal_lm_loss(model, ids, recipe.train.loss_chunk_tokens, position_ids=positions)
+
+
+def evaluate(run: Run) -> float:
+    """The run's eval loss now (eval_loss over its own data and ranks)."""
+    return eval_loss(run.model, run.recipe, run.device, run.data, run.ranks)
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> float:
-    """Mean loss over the fixed eval blocks."""
-    run.model.eval()
-    losses, ranks = [], run.ranks
-    batches = run.data.eval_batches(run.recipe.train.micro_batch_size, run.recipe.eval.batches)
-    for ids in batches[ranks.rank::ranks.size]:  # each rank a share of the fixed eval batches
-        ids = ids.to(run.device)
-        with autocast_context(run.recipe, run.device):
-            loss = micro_batch_loss(run, ids)
-            losses.append(loss.float().item())
-    run.model.train()
+def eval_loss(model: nn.Module, recipe: Recipe, device: torch.device, data: BatchSource, ranks: Ranks = SOLO) -> float:
+    """Mean loss over the data's fixed eval blocks (recipe.eval.batches micro-batches), each rank a share of them:
+    what a run logs and what `lean-relora eval` reports of a checkpoint."""
+    model.eval()
+    losses = []
+    batches = data.eval_batches(recipe.train.micro_batch_size, recipe.eval.batches)
+    for ids in batches[ranks.rank::ranks.size]:
+        ids = ids.to(device)
+        with autocast_context(recipe, device):
+            losses.append(batch_loss(model, recipe, device, ids, data.eos_token_id).float().item())
+    model.train()
     total, count = ranks.sum(sum(losses), len(losses))  # one process: the sums as they are
     return total / count
