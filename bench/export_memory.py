@@ -39,8 +39,8 @@ def save_model(model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lean_relora.recipe import DataConfig
     from lean_relora.data.tokenizer import load_tokenizer
+    from lean_relora.recipe import DataConfig
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:

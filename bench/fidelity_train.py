@@ -13,11 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
+from paper_ordering import run_method
 from rich.console import Console
 from rich.table import Table
-
-from paper_ordering import run_method
-
 
 VARIANTS = {
     "none (exact base)": ["lora.quant='none'"],

@@ -62,20 +62,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # json_out beside this
 
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
+from json_out import write_json  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
-from json_out import write_json  # noqa: E402
-
-from lean_relora.model.loss import causal_lm_loss  # noqa: E402
+from lean_relora.memory.analytic import GIB, analytic, recipe_vocab_size  # noqa: E402
+from lean_relora.memory.estimate import cublas_workspace_bytes  # noqa: E402
 from lean_relora.memory.measure import measure, relora_run  # noqa: E402
-from lean_relora.memory.estimate import GIB, analytic, cublas_workspace_bytes, recipe_vocab_size  # noqa: E402
-from lean_relora.model.build import build_model  # noqa: E402
-from lean_relora.recipe import Recipe, load_recipe  # noqa: E402
-from lean_relora.model.relora import target_modules  # noqa: E402
-from lean_relora.training.step import autocast_context, micro_batch_loss  # noqa: E402
 from lean_relora.memory.trace import trace  # noqa: E402
+from lean_relora.model.build import build_model  # noqa: E402
+from lean_relora.model.loss import causal_lm_loss  # noqa: E402
+from lean_relora.model.relora import target_modules  # noqa: E402
+from lean_relora.recipe import Recipe, load_recipe  # noqa: E402
+from lean_relora.training.step import autocast_context, micro_batch_loss  # noqa: E402
 
 SHAPES = {"tiny": "tiny_cpu.toml", "350M": "350m_12gb.toml", "1.3B": "1b3_12gb.toml"}
 PARTS = ("environment", "memory", "restarts", "throughput", "cuda_tests")  # the order they run in

@@ -37,9 +37,9 @@ def overrides(model_dir: Path, steps: int) -> list[str]:
 def save_model(model_dir: Path) -> None:
     import torch
 
+    from lean_relora.data.tokenizer import load_tokenizer
     from lean_relora.model.build import build_model
     from lean_relora.recipe import DataConfig, load_recipe
-    from lean_relora.data.tokenizer import load_tokenizer
 
     recipe = load_recipe(ROOT / "recipes" / "1b3_12gb.toml")
     torch.manual_seed(0)
@@ -83,12 +83,12 @@ class PhasePeaks:
 def measured_run(model_dir: Path, steps: int) -> dict:
     """In this (fresh) process: setup, then `steps` steps with a restart before each after the first."""
     import torch
+    from process_memory import beyond_tensors
 
     from lean_relora.recipe import load_recipe
-    from lean_relora.training.step import train_step
     from lean_relora.training.loop import setup
     from lean_relora.training.restart import restart
-    from process_memory import beyond_tensors
+    from lean_relora.training.step import train_step
 
     torch.set_num_threads(2)
     recipe = load_recipe(RECIPE, overrides(model_dir, steps))
@@ -130,7 +130,8 @@ def main() -> None:
     if not (args.model_dir / "config.json").is_file():
         print(f"saving a 1.3B-shaped LLaMA and its tokenizer to {args.model_dir} (once)", flush=True)
         save_model(args.model_dir)
-    from lean_relora.memory.estimate import host_estimate, with_model_sizes
+    from lean_relora.memory.analytic import with_model_sizes
+    from lean_relora.memory.host_ram import host_estimate
     from lean_relora.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides(args.model_dir, args.steps))

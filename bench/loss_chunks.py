@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lean_relora.recipe import load_recipe
-from lean_relora.training.step import train_step
 from lean_relora.training.loop import setup
+from lean_relora.training.step import train_step
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lean_relora.training.progress import Reporter
 from lean_relora.recipe import load_recipe
 from lean_relora.tools.spectrum import measure as spectrum
 from lean_relora.training.loop import train
+from lean_relora.training.progress import Reporter
 
 NEVER = "relora.restart_every=1000000"  # LoRA: one cycle for the whole run
 
@@ -63,8 +63,8 @@ def run_method(name: str, overrides: list[str], out: Path, console: Console, dir
     run_dir.mkdir(parents=True)
     console.print(f"[bold]{name}[/]: {' '.join(overrides)}")
     summary = train(recipe, run_dir, Reporter(run_dir / "metrics.jsonl", recipe.train.max_steps, live=False))
-    return {"eval_loss": summary["last eval loss"], "restarts": summary["restarts"], "tokens": summary["tokens"],
-            "seconds": summary["seconds"], "run_dir": str(run_dir), "overrides": overrides}
+    return {"eval_loss": summary.last_eval_loss, "restarts": summary.restarts, "tokens": summary.tokens,
+            "seconds": summary.seconds, "run_dir": str(run_dir), "overrides": overrides}
 
 
 # Perplexities of the paper's 130M-scale runs (Lialin et al., Table 2), for orientation only.

@@ -56,8 +56,9 @@ def imports(device: str, out: dict) -> None:
             out[name] = f"unavailable: {type(error).__name__}: {error}"
             if name in REQUIRED:
                 missing.append(name)
-    import lean_relora
     import torch
+
+    import lean_relora
     out["lean_relora"] = str(Path(lean_relora.__file__).parent)
     out["cuda"] = torch.version.cuda
     out["cuda_available"] = torch.cuda.is_available()
@@ -83,11 +84,11 @@ def step(device: str, out: dict) -> None:
 
     import torch
 
+    from lean_relora.memory.analytic import recipe_vocab_size
     from lean_relora.memory.measure import relora_run
-    from lean_relora.memory.estimate import recipe_vocab_size
     from lean_relora.recipe import load_recipe
-    from lean_relora.training.step import train_step
     from lean_relora.training.restart import restart
+    from lean_relora.training.step import train_step
 
     recipe = load_recipe(ROOT / "recipes" / "tiny_cpu.toml")
     recipe = replace(recipe, train=replace(recipe.train, device=device))

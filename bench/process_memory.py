@@ -59,8 +59,8 @@ def measured(steps: int) -> dict:
     from lean_relora.cli import app  # noqa: F401 (what the CLI process imports)
     from lean_relora.memory import estimate  # noqa: F401
     from lean_relora.recipe import load_recipe
-    from lean_relora.training.step import train_step
     from lean_relora.training.loop import setup
+    from lean_relora.training.step import train_step
 
     imports = rss()
     torch.set_num_threads(2)

@@ -18,10 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
+from paper_ordering import NEVER, run_method
 from rich.console import Console
 from rich.table import Table
-
-from paper_ordering import NEVER, run_method
 
 
 def methods(lr: float) -> dict[str, list[str]]:

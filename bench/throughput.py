@@ -22,8 +22,8 @@ from rich.table import Table
 
 from lean_relora.model.build import build_model
 from lean_relora.model.frozen_base import FrozenBase
-from lean_relora.recipe import LoraConfig, ModelConfig
 from lean_relora.model.relora import ReLoRALinear, set_trainable, wrap_model
+from lean_relora.recipe import LoraConfig, ModelConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -13,8 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, HfHubHTTPError,
-                                    RepositoryNotFoundError)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 
 PROBE_TIMEOUT = 3.0  # seconds the one reachability probe of the hub may take

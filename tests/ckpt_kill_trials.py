@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import tiny_recipe  # noqa: E402
 
 from lean_relora.training import checkpoint  # noqa: E402
-from lean_relora.training.step import train_step  # noqa: E402
 from lean_relora.training.loop import setup  # noqa: E402
+from lean_relora.training.step import train_step  # noqa: E402
 
 run_dir, trials, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 run = setup(tiny_recipe(steps=10**6), run_dir)
@@ -48,7 +48,7 @@ for trial in range(trials):
         pointer = (root / checkpoint.LATEST).read_text().strip()
         checkpoint.verify(root / pointer)
         found, problems = checkpoint.find_latest(run_dir)
-        checkpoint.restore(run, found)
+        checkpoint.restore(run, checkpoint.Checkpoint.read(found))
         record.update(ok=True, latest=pointer, found=found.name, problems=problems)
     except Exception as e:  # reported, not raised: the test shows every trial
         record.update(ok=False, error=f"{type(e).__name__}: {e}")

@@ -13,19 +13,19 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
+from test_train import run_dir, tiny_recipe, tokenizer_cache  # noqa: F401  (tokenizer_cache is a fixture)
 from transformers import AutoModelForCausalLM
 
+from lean_relora.model.relora import relora_layers
+from lean_relora.recipe import CheckpointConfig, load_recipe
+from lean_relora.tools.export import export_model, load_trained
 from lean_relora.training import checkpoint
 from lean_relora.training.checkpoint import CheckpointError, CheckpointSaveError
-from lean_relora.tools.export import export_model, load_trained
+from lean_relora.training.loop import TrainingDiverged, setup, train
 from lean_relora.training.optim import optimizer_state
 from lean_relora.training.progress import Reporter
-from lean_relora.recipe import CheckpointConfig, load_recipe
-from lean_relora.model.relora import relora_layers
-from lean_relora.training.step import train_step
-from lean_relora.training.loop import TrainingDiverged, setup, train
 from lean_relora.training.restart import restart
-from test_train import run_dir, tiny_recipe, tokenizer_cache  # noqa: F401  (tokenizer_cache is a fixture)
+from lean_relora.training.step import train_step
 
 
 class Quiet(Reporter):
@@ -78,7 +78,7 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one_bit_for_bit(tmp_p
     train(recipe(quant, optim, warm_start, steps), whole, Quiet(whole))
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     first = train(recipe(quant, optim, warm_start, steps), parts, Quiet(parts, on_step=sigint_at(stop)))
-    assert first["stopped by"] == "SIGINT" and first["steps"] == stop
+    assert first.stopped_by == "SIGINT" and first.steps == stop
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
     reporter = Quiet(parts)
     train(recipe(quant, optim, warm_start, steps), parts, reporter, resume="auto")
@@ -178,7 +178,7 @@ def test_recipe_changes_that_alter_the_run_are_refused_unless_forced(tmp_path, t
     with pytest.raises(CheckpointError, match=r"optim.lr \(0.003 -> 0.001\)"):
         train(faster, directory, Quiet(directory), resume="auto")
     reporter = Quiet(directory)
-    assert train(faster, directory, reporter, resume="auto", force=True)["steps"] == 6
+    assert train(faster, directory, reporter, resume="auto", force=True).steps == 6
     assert "resuming with changed optim.lr (0.003 -> 0.001), train.max_steps (4 -> 6) (forced)" in reporter.lines
     assert (directory / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer
 
@@ -189,7 +189,7 @@ def test_safe_recipe_changes_are_allowed_and_reported(tmp_path, tokenizer_cache)
     longer = recipe(steps=6)
     longer.log.every, longer.eval.every = 2, 3
     reporter = Quiet(directory)
-    assert train(longer, directory, reporter, resume=directory)["steps"] == 6
+    assert train(longer, directory, reporter, resume=directory).steps == 6
     assert "resuming with changed train.max_steps (4 -> 6), eval.every (0 -> 3), log.every (1 -> 2)" in reporter.lines
     assert [s for s, _ in losses(directory)] == [1, 2, 3, 4, 6]
 
@@ -257,7 +257,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_with_
     assert f"the previous checkpoint {root / 'step-00000002'} is intact" in str(error.value)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]  # no half-written directory
     assert checkpoint.find_latest(directory) == (root / "step-00000002", [])
-    assert train(recipe(steps=6, every=2), directory, Quiet(directory), resume="auto")["steps"] == 6
+    assert train(recipe(steps=6, every=2), directory, Quiet(directory), resume="auto").steps == 6
 
 
 def trained_run(tmp_path, tokenizer_cache, quant):

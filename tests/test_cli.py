@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_recipe import MALFORMED
 from typer.testing import CliRunner
 
 from lean_relora.cli.app import app
-from test_recipe import MALFORMED
 
 TINY = """
 [model]

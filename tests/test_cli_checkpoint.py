@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import TINY, invoke
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lean_relora.cli.errors import STOPPED
-from test_cli import TINY, invoke
 
 
 def records(run_dir):

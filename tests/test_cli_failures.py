@@ -5,9 +5,10 @@ it leaves: test_cli_checkpoint.py.)"""
 import os
 
 import pytest
+from test_cli import TINY, invoke
 
 from lean_relora.cli.errors import BAD_INPUT
-from test_cli import TINY, invoke
+
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):

@@ -15,14 +15,23 @@ import pytest
 import torch
 from torch import nn
 
-from lean_relora.memory.measure import measure, paged_bytes, relora_run
 from lean_relora.memory.estimate import cublas_workspace_bytes
-from lean_relora.training.optim import load_optimizer_state, moments, optimizer_state, paged_bytes_held, reset_state
-from lean_relora.model.frozen_base import FrozenBase
-from lean_relora.recipe import (DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
-                                ReloraConfig, TrainConfig)
+from lean_relora.memory.measure import measure, paged_bytes, relora_run
 from lean_relora.memory.trace import trace
+from lean_relora.model.frozen_base import FrozenBase
+from lean_relora.recipe import (
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    Recipe,
+    ReloraConfig,
+    TrainConfig,
+)
 from lean_relora.training.loop import train
+from lean_relora.training.optim import load_optimizer_state, moments, optimizer_state, paged_bytes_held, reset_state
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (CPU-only machine)")]

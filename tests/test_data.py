@@ -4,6 +4,7 @@ import json
 import re
 import time
 from collections import Counter
+from pydoc_data.topics import topics
 
 import datasets
 import huggingface_hub.constants
@@ -12,15 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from pydoc_data.topics import topics
 
-from lean_relora.data.corpus import DataError, load_documents
 from lean_relora.data import packing as data_module
-from lean_relora.data.packing import StreamingPackedData, build_data
 from lean_relora.data import tokenizer
+from lean_relora.data.corpus import DataError, load_documents
+from lean_relora.data.packing import StreamingPackedData, build_data
 from lean_relora.data.tokenizer import EOS, load_tokenizer
 from lean_relora.recipe import DataConfig
-
 
 
 @pytest.fixture(autouse=True)

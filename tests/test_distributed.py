@@ -16,15 +16,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_cli import TINY, invoke
 
 from lean_relora.cli import launch
+from lean_relora.model.build import build_model
+from lean_relora.model.relora import relora_layers, target_modules, wrap_model
+from lean_relora.recipe import LoraConfig, ModelConfig
 from lean_relora.training import distributed
 from lean_relora.training.checkpoint import CHECKPOINTS
-from lean_relora.model.build import build_model
-from lean_relora.recipe import LoraConfig, ModelConfig
 from lean_relora.training.restart import merge_cycle
-from lean_relora.model.relora import relora_layers, target_modules, wrap_model
-from test_cli import TINY, invoke
 
 # The tiny CLI recipe, long enough for 6 restarts (at steps 6, 10, ..., 26) and a checkpoint after each.
 RECIPE = TINY.replace("restart_every = 3", "restart_every = 4\nwarm_start_steps = 2\ncheck_ranks = true").replace(
@@ -226,7 +226,8 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_resume_repr
 
 
 def test_memory_estimate_per_gpu_and_per_host_for_several_ranks():
-    from lean_relora.memory.estimate import estimate, recipe_vocab_size, target_shapes, with_model_sizes
+    from lean_relora.memory.analytic import recipe_vocab_size, target_shapes, with_model_sizes
+    from lean_relora.memory.estimate import estimate
     from lean_relora.recipe import load_recipe
 
     recipe = load_recipe(None)  # the tiny default: 28 ReLoRA layers, quick to trace

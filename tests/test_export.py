@@ -7,17 +7,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-
-from lean_relora.durable import file_sha256
-from lean_relora.tools.export import ExportError, export_model, merged_layer
-from lean_relora.model.master import MappedMaster
-from lean_relora.model.relora import ReLoRALinear
-from lean_relora.memory.trace import LiveBytes, model_tensors
-from lean_relora.tools.rebuild import load_trained
 from test_cli import invoke
 from test_pretrained import recipe, train  # noqa: F401  (recipe is a fixture)
 from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from lean_relora.durable import file_sha256
+from lean_relora.memory.trace import LiveBytes, model_tensors
+from lean_relora.model.master import MappedMaster
+from lean_relora.model.relora import ReLoRALinear
+from lean_relora.tools.export import ExportError, export_model, merged_layer
+from lean_relora.tools.rebuild import load_trained
 
 NF4_DISK = ("--set", "lora.quant='nf4'", "--set", "relora.master='disk'")
 

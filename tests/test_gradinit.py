@@ -5,17 +5,16 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from test_train import records, run_dir, tiny_recipe, tokenizer_cache  # noqa: F401 (a fixture)
 
-from lean_relora.model.gradinit import KAIMING_ROW_NORM, init_from_gradient
 from lean_relora.model.build import enable_checkpointing
 from lean_relora.model.frozen_base import FrozenBase
-from lean_relora.recipe import LoraConfig, RecipeError, ReloraConfig
+from lean_relora.model.gradinit import KAIMING_ROW_NORM, init_from_gradient
 from lean_relora.model.relora import ReLoRALinear, relora_layers, wrap_model
-from lean_relora.training.step import train_step
+from lean_relora.recipe import LoraConfig, RecipeError, ReloraConfig
 from lean_relora.training.loop import setup, train
 from lean_relora.training.restart import restart
-from test_train import records, run_dir, tiny_recipe, tokenizer_cache  # noqa: F401 (a fixture)
+from lean_relora.training.step import train_step
 
 
 def principal_cosines(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -112,9 +111,9 @@ def test_a_run_with_gradient_init_stopped_and_resumed_equals_the_uninterrupted_r
     resumed = train(recipe, pieces, resume="auto")
     steps = lambda d: [(r["step"], r["loss"], r["tokens"]) for r in records(d / "metrics.jsonl") if "loss" in r]
     assert steps(pieces) == steps(whole)
-    assert resumed["last eval loss"] == summary["last eval loss"]
+    assert resumed.last_eval_loss == summary.last_eval_loss
     # 16 steps of 8 x 32 tokens, and two inits (after the warm start, at the restart) of 2 micro-batches passed twice
-    assert summary["tokens"] == 16 * 256 + 2 * 2 * 2 * 256
+    assert summary.tokens == 16 * 256 + 2 * 2 * 2 * 256
     inits = [r for r in records(whole / "metrics.jsonl") if "init_tokens" in r]
     assert [r["step"] for r in inits] == [12] and inits[0]["init_tokens"] == 2 * 2 * 256
 

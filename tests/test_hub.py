@@ -11,11 +11,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_pretrained import TIMED_CLI
+from tiny_models import save_tiny_model
 from transformers import AutoTokenizer
 
 from lean_relora.hub import HubError, locate
-from test_pretrained import TIMED_CLI
-from tiny_models import save_tiny_model
 
 
 def test_a_local_directory_is_used_as_it_is_and_a_missing_path_is_named_as_such(tmp_path):

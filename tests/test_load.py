@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lean_relora.model.streamed import empty_pretrained, fill_remaining, streamable
 from lean_relora.model.build import build_model
-from lean_relora.recipe import LoraConfig, ModelConfig, RecipeError
 from lean_relora.model.relora import relora_layers, wrap_model
+from lean_relora.model.streamed import empty_pretrained, fill_remaining, streamable
+from lean_relora.recipe import LoraConfig, ModelConfig, RecipeError
 
 LORA = LoraConfig(rank=4, quant="nf4")
 

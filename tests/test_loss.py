@@ -4,12 +4,22 @@ bf16 autocast, and never holding more than one chunk's logits."""
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig,
-                          MistralConfig, Phi3Config, PhiConfig, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    GPT2Config,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PhiConfig,
+    Qwen2Config,
+)
 
+from lean_relora.memory.trace import LiveBytes
 from lean_relora.model.loss import causal_lm_loss, linear_cross_entropy, output_head
 from lean_relora.recipe import RecipeError
-from lean_relora.memory.trace import LiveBytes
 
 VOCAB = 101
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -8,12 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-from lean_relora.training import checkpoint
-from lean_relora.model.master import DiskMasters, RamMaster
-from lean_relora.model.frozen_base import FrozenBase
-from lean_relora.training.loop import train
 from test_train import run_dir, tiny_recipe, tokenizer_cache  # noqa: F401 (a fixture)
+
+from lean_relora.model.frozen_base import FrozenBase
+from lean_relora.model.master import DiskMasters, RamMaster
+from lean_relora.training import checkpoint
+from lean_relora.training.loop import train
 
 
 def disk(recipe, **relora):

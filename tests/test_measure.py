@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lean_relora.memory.measure import RandomTokens, measure
-from lean_relora.recipe import DataConfig, LoraConfig, ModelConfig, OptimConfig, Recipe, ReloraConfig, TrainConfig
 from lean_relora.memory.trace import trace
+from lean_relora.recipe import DataConfig, LoraConfig, ModelConfig, OptimConfig, Recipe, ReloraConfig, TrainConfig
 
 VOCAB = 512
 

@@ -3,18 +3,19 @@
 import json
 
 import pytest
+from test_trace import CONFIGS, VOCAB, small
+from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
 from lean_relora.cli.app import app
-from lean_relora.memory.estimate import (CUDA_CONTEXT_BYTES, GIB, cublas_workspace_bytes, analytic, base_bytes, estimate, gpu_need, host_refusal,
-                                recipe_vocab_size, refusal)
-from lean_relora.recipe import load_recipe
-from lean_relora.model.relora import target_modules
+from lean_relora.memory.analytic import GIB, analytic, base_bytes, recipe_vocab_size
+from lean_relora.memory.estimate import CUDA_CONTEXT_BYTES, cublas_workspace_bytes, estimate, gpu_need, refusal
+from lean_relora.memory.host_ram import host_refusal
 from lean_relora.memory.trace import trace
-from test_trace import CONFIGS, VOCAB, small
-from tiny_models import save_tiny_model
+from lean_relora.model.relora import target_modules
+from lean_relora.recipe import load_recipe
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -140,7 +141,7 @@ def test_host_ram_reported_for_the_masters_is_what_they_hold():
 def test_disk_masters_take_the_masters_out_of_host_ram_and_the_refusal_says_so():
     from dataclasses import replace
 
-    from lean_relora.memory.estimate import host_estimate, host_refusal
+    from lean_relora.memory.host_ram import host_estimate, host_refusal
 
     ram = small()
     disk = replace(ram, relora=replace(ram.relora, master="disk"))

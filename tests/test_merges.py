@@ -3,9 +3,9 @@ update the base accumulated (its fp32 master) since the ReLoRA phase began."""
 
 import torch
 
-from lean_relora.training import merge_log as merges
-from lean_relora.recipe import LoraConfig
 from lean_relora.model.relora import relora_layers, wrap_model
+from lean_relora.recipe import LoraConfig
+from lean_relora.training import merge_log as merges
 from lean_relora.training.distributed import SOLO
 from lean_relora.training.restart import merge_cycle
 

@@ -4,12 +4,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from tiny_models import CONFIGS, save_tiny_model
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lean_relora.model.build import build_model, enable_checkpointing, pretrained_config, sizes
 from lean_relora.recipe import ModelConfig, RecipeError
-from tiny_models import CONFIGS, save_tiny_model
 
 
 @pytest.mark.parametrize("arch", CONFIGS)

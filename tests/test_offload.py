@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lean_relora.model.loss import causal_lm_loss
-from lean_relora.memory.estimate import analytic, offloaded_bytes, recipe_vocab_size
+from lean_relora.memory.analytic import analytic, recipe_vocab_size
+from lean_relora.memory.host_ram import offloaded_bytes
+from lean_relora.memory.trace import trace
 from lean_relora.model.build import enable_checkpointing
+from lean_relora.model.loss import causal_lm_loss
 from lean_relora.model.offload import OffloadSaved
 from lean_relora.recipe import RecipeError, load_recipe
-from lean_relora.memory.trace import trace
-
 
 BATCH, SEQ, HIDDEN, LAYERS = 2, 32, 64, 3
 RECIPE = "recipes/1b3_12gb.toml"  # the suite runs from the repository root, as test_memory's do

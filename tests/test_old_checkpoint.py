@@ -11,8 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
-from lean_relora.cli.app import app
 from typer.testing import CliRunner
+
+from lean_relora.cli.app import app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -4,9 +4,15 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lean_relora.training.optim import (SlicedAdamW8bit, build_optimizer, load_optimizer_state, moments, optimizer_state,
-                               reset_state)
 from lean_relora.recipe import OptimConfig
+from lean_relora.training.optim import (
+    SlicedAdamW8bit,
+    build_optimizer,
+    load_optimizer_state,
+    moments,
+    optimizer_state,
+    reset_state,
+)
 
 SHAPE = (64, 128)  # 8192 elements: above bnb's 4096-element threshold, so the state is really 8-bit
 

@@ -15,21 +15,22 @@ import datasets
 import numpy as np
 import pytest
 from rich.progress import Progress
+from test_cli import invoke
+from test_data import expected_stream, marker_docs, texts, write_jsonl
+from test_train import tiny_recipe
 
 from lean_relora.data import token_files as tokens
 from lean_relora.data.corpus import DataError, load_documents
 from lean_relora.data.packing import build_data
 from lean_relora.data.prefetch import BatchLoader
-from lean_relora.training.optim import set_lr
 from lean_relora.data.prepare import _write_split, prepare_data
-from lean_relora.training.progress import Reporter
-from lean_relora.recipe import DataConfig
 from lean_relora.data.tokenizer import _train_bpe
-from lean_relora.training.step import train_step
+from lean_relora.recipe import DataConfig
+from lean_relora.training import checkpoint
 from lean_relora.training.loop import _resume, setup, train
-from test_cli import invoke
-from test_data import expected_stream, marker_docs, texts, write_jsonl
-from test_train import tiny_recipe
+from lean_relora.training.optim import set_lr
+from lean_relora.training.progress import Reporter
+from lean_relora.training.step import train_step
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +89,7 @@ def test_a_run_on_prepared_data_equals_the_run_on_the_documents_loss_for_loss(tm
     direct = train(recipe, tmp_path / "direct")
     recipe.data.source = f"prepared:{tmp_path / 'prepared'}"
     mapped = train(recipe, tmp_path / "mapped")
-    assert mapped["first eval loss"] == direct["first eval loss"] and mapped["last eval loss"] == direct["last eval loss"]
+    assert mapped.first_eval_loss == direct.first_eval_loss and mapped.last_eval_loss == direct.last_eval_loss
     assert losses(tmp_path / "mapped") == losses(tmp_path / "direct") and len(losses(tmp_path / "direct")) == 6
 
 
@@ -121,7 +122,7 @@ def test_resume_on_prepared_data_is_a_seek(corpus, tmp_path):
     run.data = CountingData(run.data)
     run.loader = BatchLoader(run.data, recipe.train.micro_batch_size, depth=1)
     checkpoint_dir = tmp_path / "whole" / "checkpoints" / "step-00000005"
-    _resume(run, checkpoint_dir, [], Reporter(tmp_path / "metrics.jsonl", 8, live=False))
+    _resume(run, checkpoint.Checkpoint.read(checkpoint_dir), [], Reporter(tmp_path / "metrics.jsonl", 8, live=False))
     assert run.data.read == []  # nothing is replayed
     got = []
     for _ in range(3):  # the loop's step: the learning rate of the step, then the step (no restart until 8)

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
+from test_cli import invoke
+from tiny_models import CONFIGS, save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from lean_relora.tools.export import load_trained
 from lean_relora.model.relora import ReLoRALinear, target_modules
-from test_cli import invoke
-from tiny_models import CONFIGS, save_tiny_model
+from lean_relora.tools.export import load_trained
 
 RECIPE = """
 [model]

@@ -4,15 +4,16 @@ fits 80 columns, counts restarts exactly, and numbers are written one way."""
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from lean_relora.training.progress import Reporter, drop_records_after, duration, number
+from lean_relora.training.progress import Reporter, RunSummary, drop_records_after, duration, number
 from lean_relora.training.schedule import JaggedCosine
 
-SUMMARY = {"steps": 1, "restarts": 0, "tokens": 8, "first eval loss": 5.0, "last eval loss": 4.0, "seconds": 1.0,
-           "run dir": "run"}
+SUMMARY = RunSummary(steps=1, restarts=0, tokens=8, train_loss=None, first_eval_loss=5.0, last_eval_loss=4.0,
+                     tokens_per_s=None, seconds=1.0, run_dir=Path("run"), checkpoint=None, next_command="")
 
 
 def strict(line):
@@ -70,8 +71,7 @@ def test_status_keeps_step_total_and_eta_within_the_width(tmp_path, total, width
     assert text.startswith(f"{total // 2:,}/{total:,}") and "ETA " in text
     if width >= 80:
         assert "loss 5.1235" in text and ("restart 4/" in text or total < 360)  # 7 steps: no restart
-    r.close({"steps": 1, "restarts": 0, "tokens": 0, "first eval loss": 1.0, "last eval loss": 1.0, "seconds": 1.0,
-             "run dir": "x"})
+    r.close(summary(steps=1, restarts=0, tokens=0, first_eval_loss=1.0, last_eval_loss=1.0, seconds=1.0))
 
 
 def test_restart_count_and_countdown_are_exact_at_every_step(tmp_path):
@@ -100,26 +100,31 @@ def test_live_status_is_drawn_on_a_terminal_and_plain_lines_are_not(tmp_path):
     r, console = reporter(tmp_path, 360, None, live=True)
     r.step(record(10, 0), None)
     r.display.refresh()
-    r.close({"steps": 10, "restarts": 0, "tokens": 10240, "first eval loss": 6.0, "last eval loss": 5.0,
-             "seconds": 61.0, "run dir": "x"})
+    r.close(summary(steps=10, restarts=0, tokens=10240, first_eval_loss=6.0, last_eval_loss=5.0, seconds=61.0))
     output = console.file.getvalue()
     assert "10/360" in output and "ETA" in output and "step 10/360:" not in output
+
+
+def summary(**fields) -> RunSummary:
+    return RunSummary(**{"train_loss": None, "tokens_per_s": None, "run_dir": Path("x"), "checkpoint": None,
+                         "next_command": "", **fields})
 
 
 def test_plain_line_every_record_and_summary_in_one_format(tmp_path):
     r, console = reporter(tmp_path, 360, JaggedCosine(360, 20, 0.1, 60, 2, 60))
     r.step(record(10, 0), None)
-    r.close({"steps": 360, "restarts": 4, "tokens": 368640, "train loss": 3.21, "first eval loss": 8.35,
-             "last eval loss": 4.5, "tokens/s": 1022.0712, "seconds": 3725.0, "run dir": "runs/x",
-             "checkpoint": "runs/x/checkpoints/step-00000360", "next": "lean-relora export runs/x runs/x/hf"})
+    r.close(summary(steps=360, restarts=4, tokens=368640, train_loss=3.21, first_eval_loss=8.35, last_eval_loss=4.5,
+                    tokens_per_s=1022.0712, seconds=3725.0, run_dir=Path("runs/x"),
+                    checkpoint=Path("runs/x/checkpoints/step-00000360"),
+                    next_command="lean-relora export runs/x runs/x/hf"))
     lines = console.file.getvalue().splitlines()
     assert lines[0].startswith("step 10/360: loss 5.1235, lr 1.23e-03, 123,457 tok/s, ETA ")
     assert lines[0].endswith(", restart 1/4 in 110 steps")
     assert lines[1] == "run summary"
-    summary = {line[2:13].strip(): line[14:] for line in lines[2:]}  # "  key         value"
-    assert summary["tokens"] == "368,640" and summary["tokens/s"] == "1,022 (average)"
-    assert summary["train loss"] == f"3.2100 (perplexity {number(math.exp(3.21))}, last step)"
-    assert summary["time"] == "1:02:05" and summary["next"] == "lean-relora export runs/x runs/x/hf"
+    printed = {line[2:13].strip(): line[14:] for line in lines[2:]}  # "  key         value"
+    assert printed["tokens"] == "368,640" and printed["tokens/s"] == "1,022 (average)"
+    assert printed["train loss"] == f"3.2100 (perplexity {number(math.exp(3.21))}, last step)"
+    assert printed["time"] == "1:02:05" and printed["next"] == "lean-relora export runs/x runs/x/hf"
 
 
 @pytest.mark.parametrize("value,text", [(368640, "368,640"), (1022.0712, "1,022.1"), (6.20163, "6.2016"),

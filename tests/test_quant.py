@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lean_relora.tools.fidelity import simulate_restarts
-from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.memory.trace import LiveBytes
+from lean_relora.model.frozen_base import FrozenBase
+from lean_relora.tools.fidelity import simulate_restarts
 
 QUANTS = ["nf4", "fp4", "int8", "none"]
 # Max |error| of y = x W^T relative to max |y|, per format, for W ~ N(0, 0.02): 4-bit has ~16 levels per block.

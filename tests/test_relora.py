@@ -1,20 +1,28 @@
 import pytest
 import torch
+from test_quant import QUANTS, TOLERANCE, weight
+from tiny_models import CONFIGS, VOCAB
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
-
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from lean_relora.tools.export import merged_layer
 from lean_relora.model.frozen_base import FrozenBase
+from lean_relora.model.relora import (
+    FROZEN_WARNING,
+    ReLoRALinear,
+    decoder_blocks,
+    lora_parameters,
+    relora_layers,
+    set_trainable,
+    target_modules,
+    target_summary,
+    wrap_model,
+)
 from lean_relora.recipe import LoraConfig, RecipeError
-from lean_relora.model.relora import (FROZEN_WARNING, ReLoRALinear, decoder_blocks, lora_parameters,
-                                relora_layers, set_trainable, target_modules, target_summary, wrap_model)
+from lean_relora.tools.export import merged_layer
 from lean_relora.training.distributed import SOLO
 from lean_relora.training.restart import merge_cycle
-from test_quant import QUANTS, TOLERANCE, weight
-from tiny_models import CONFIGS, VOCAB
 
 
 def trained_layer(quant, keep_master=False, seed=0, shape=(64, 128)):

@@ -11,17 +11,14 @@ import matplotlib.image as image  # the `report` extra; `.[test]` installs it
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from test_cli import TINY, invoke
 from transformers import AutoConfig
 
-from lean_relora.tools import report
-from lean_relora.tools import spectrum
-from safetensors import safe_open
-
-from lean_relora.training.checkpoint import MODEL, find_latest, saved_recipe
+from lean_relora.tools import report, spectrum
 from lean_relora.tools.export import load_trained, merged_layer
+from lean_relora.training.checkpoint import MODEL, find_latest, saved_recipe
 from lean_relora.training.loop import setup
-from test_cli import TINY, invoke
-
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANK = 2

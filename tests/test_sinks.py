@@ -4,11 +4,12 @@ line."""
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 
-from lean_relora.training.progress import Reporter
 from lean_relora.recipe import LogConfig, RecipeError
+from lean_relora.training.progress import Reporter, RunSummary
 from lean_relora.training.sinks import check_sinks, open_sinks, scalars
 
 RECORDS = [{"step": 0, "eval_loss": 5.5, "eval_ppl": 244.7, "tokens": 0},
@@ -19,8 +20,8 @@ RECORDS = [{"step": 0, "eval_loss": 5.5, "eval_ppl": 244.7, "tokens": 0},
            {"step": 2, "restart": 1, "merge_seconds": 0.5, "retention": 0.99}]
 
 
-SUMMARY = {"steps": 1, "restarts": 0, "tokens": 8, "first eval loss": 5.0, "last eval loss": 4.0, "seconds": 1.0,
-           "run dir": "run"}
+SUMMARY = RunSummary(steps=1, restarts=0, tokens=8, train_loss=None, first_eval_loss=5.0, last_eval_loss=4.0,
+                     tokens_per_s=None, seconds=1.0, run_dir=Path("run"), checkpoint=None, next_command="")
 
 
 def test_scalars_name_each_number_by_its_record_kind_and_leave_out_non_finite():
@@ -83,9 +84,9 @@ def test_a_missing_library_is_refused_with_one_line(monkeypatch):
 def test_a_run_with_log_tensorboard_writes_the_losses_of_metrics_jsonl(tmp_path):
     pytest.importorskip("tensorboard", reason="the optional extra lean-relora[tensorboard]")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train import tiny_recipe
 
     from lean_relora.training.loop import train
-    from test_train import tiny_recipe
 
     recipe = tiny_recipe(steps=3)
     recipe.log.tensorboard = True

@@ -8,8 +8,8 @@ import pytest
 
 from lean_relora.data import tokenizer
 from lean_relora.data.corpus import DataError
-from lean_relora.recipe import DataConfig
 from lean_relora.data.tokenizer import EOS, load_tokenizer
+from lean_relora.recipe import DataConfig
 
 
 @pytest.fixture(autouse=True)

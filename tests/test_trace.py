@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from lean_relora.memory.trace import build_for_phase, model_tensors, run_step, trace
 from lean_relora.recipe import DataConfig, LoraConfig, ModelConfig, OptimConfig, Recipe, ReloraConfig, TrainConfig
 from lean_relora.training.distributed import SOLO
 from lean_relora.training.restart import merge_cycle
-from lean_relora.memory.trace import build_for_phase, model_tensors, run_step, trace
 
 VOCAB = 512
 

@@ -10,14 +10,24 @@ import pytest
 import torch
 from rich.console import Console
 
-from lean_relora.training.progress import Reporter
-from lean_relora.recipe import (CheckpointConfig, DataConfig, EvalConfig, LogConfig, LoraConfig, ModelConfig, OptimConfig, Recipe,
-                                ReloraConfig, TrainConfig)
-from lean_relora.training import checkpoint
 from lean_relora.model import loss
 from lean_relora.model.relora import relora_layers
-from lean_relora.training.step import evaluate, train_step
+from lean_relora.recipe import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    Recipe,
+    ReloraConfig,
+    TrainConfig,
+)
+from lean_relora.training import checkpoint
 from lean_relora.training.loop import setup, train
+from lean_relora.training.progress import Reporter
+from lean_relora.training.step import evaluate, train_step
 
 
 def tiny_recipe(quant="nf4", steps=20, warm_start=0, restart_every=7, **train_kw) -> Recipe:
@@ -59,8 +69,8 @@ def records(path):
 def test_twenty_steps_with_two_restarts_reduce_the_loss(tmp_path, tokenizer_cache, quant):
     directory = run_dir(tmp_path, tokenizer_cache)
     summary = train(tiny_recipe(quant), directory)
-    assert summary["restarts"] == 2 and summary["steps"] == 20
-    assert summary["last eval loss"] < summary["first eval loss"] - 0.5
+    assert summary.restarts == 2 and summary.steps == 20
+    assert summary.last_eval_loss < summary.first_eval_loss - 0.5
     steps = [r for r in records(directory / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 21))
     assert [r["restarts"] for r in steps if r["step"] in (7, 8, 14, 15)] == [0, 1, 1, 2]
@@ -72,8 +82,8 @@ def test_warm_start_trains_full_rank_then_switches_to_relora(tmp_path, tokenizer
     directory = run_dir(tmp_path, tokenizer_cache)
     recipe = tiny_recipe(steps=12, warm_start=5, restart_every=4)
     summary = train(recipe, directory)
-    assert summary["restarts"] == 1  # LoRA starts at step 5, merges at step 9
-    assert summary["last eval loss"] < summary["first eval loss"]
+    assert summary.restarts == 1  # LoRA starts at step 5, merges at step 9
+    assert summary.last_eval_loss < summary.first_eval_loss
 
 
 def test_warm_start_phase_is_dense_and_every_weight_trains(tmp_path, tokenizer_cache):
@@ -143,8 +153,8 @@ def test_the_loop_trains_and_evaluates_through_the_chunked_loss_as_through_huggi
 def test_warm_start_as_long_as_the_run_is_a_full_rank_baseline(tmp_path, tokenizer_cache):
     directory = run_dir(tmp_path, tokenizer_cache)
     summary = train(tiny_recipe(steps=8, warm_start=8, restart_every=3), directory)
-    assert summary["restarts"] == 0 and summary["steps"] == 8
-    assert summary["last eval loss"] < summary["first eval loss"]
+    assert summary.restarts == 0 and summary.steps == 8
+    assert summary.last_eval_loss < summary.first_eval_loss
     final, _ = checkpoint.find_latest(directory)
     assert checkpoint.read_state(final)["relora"] is False  # never wrapped: every weight trained dense
 
@@ -159,7 +169,7 @@ def test_max_steps_stops_without_changing_the_schedule_and_resume_equals_the_uni
     train(recipe, whole)
     pieces = run_dir(tmp_path / "pieces", tokenizer_cache)
     first = train(recipe, pieces, stop_at=3)
-    assert first["steps"] == 3 and (pieces / "checkpoints" / "step-00000003").is_dir()
+    assert first.steps == 3 and (pieces / "checkpoints" / "step-00000003").is_dir()
     train(recipe, pieces, resume="auto", stop_at=12)
     train(recipe, pieces, resume="auto")
     steps = lambda d: [(r["step"], r["loss"], r["lr"]) for r in records(d / "metrics.jsonl") if "loss" in r]
@@ -196,8 +206,8 @@ def test_a_run_with_document_mask_trains_and_differs_from_the_crossing_run(tmp_p
     recipe = tiny_recipe(steps=6)
     recipe.data.document_mask = True
     masked = train(recipe, run_dir(tmp_path / "masked", tokenizer_cache))
-    assert masked["last eval loss"] < masked["first eval loss"]
-    assert masked["first eval loss"] != crossing["first eval loss"]  # the positions reached the model
+    assert masked.last_eval_loss < masked.first_eval_loss
+    assert masked.first_eval_loss != crossing.first_eval_loss  # the positions reached the model
 
 
 def test_a_cpu_run_of_paged_adamw8bit_logs_nothing_and_warns_nothing(tmp_path, tokenizer_cache, caplog, recwarn):

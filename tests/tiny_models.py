@@ -4,8 +4,15 @@ save_pretrained beside a tiny BPE tokenizer trained here: what `model.pretrained
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config,
-                          Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
 
 from lean_relora.data.tokenizer import _train_bpe
 

@@ -93,10 +93,10 @@ def train(
     console = _setup_logging()
     with Outcome(console) as outcome:
         from lean_relora.cli.launch import launch
-        from lean_relora.training import distributed
-        from lean_relora.training.distributed import launched
-        from lean_relora.training.checkpoint import RECIPE, read_state, resolve
         from lean_relora.recipe import load_recipe
+        from lean_relora.training import distributed
+        from lean_relora.training.checkpoint import RECIPE, resolve
+        from lean_relora.training.distributed import launched
         from lean_relora.training.loop import train as run_training
         from lean_relora.training.progress import METRICS
 
@@ -109,10 +109,10 @@ def train(
         if not ranks.is_main:  # one copy of every line: rank 0's (errors excepted)
             logging.getLogger().setLevel(logging.ERROR)
         if resume is not None:
-            # Only to find the recipe and run dir; train() picks and verifies the checkpoint (checksums) itself.
-            found, _ = resolve(resume, run_dir, checksums=False)
-            run_dir = run_dir or found.parent.parent
-            loaded = load_recipe(recipe or found / RECIPE, overrides)
+            # Found and verified once: train() takes the value. A launcher checks sizes only; each rank checksums.
+            found = resolve(resume, run_dir, checksums=nproc == 1)
+            run_dir = run_dir or found.path.parent.parent
+            loaded = load_recipe(recipe or found.path / RECIPE, overrides)
         else:
             loaded = load_recipe(recipe, overrides)
             run_dir = ranks.broadcast(run_dir or new_run_dir(recipe))  # one directory for the job, named by rank 0
@@ -120,9 +120,9 @@ def train(
                 raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
                                 "or continue it with --resume auto")
         if not force:
-            _refuse_if_it_does_not_fit(loaded, found if resume is not None else None, max(nproc, ranks.size))
+            _refuse_if_it_does_not_fit(loaded, found.path if resume is not None else None, max(nproc, ranks.size))
         if nproc > 1:  # checked here, before torchrun starts, so that bad input is one line rather than N
-            saved = read_state(found).get("ranks", 1) if resume is not None else nproc
+            saved = found.ranks if resume is not None else nproc
             if not force and (reason := distributed.resume_refusal(saved, nproc, loaded)):
                 raise UserError(reason)
             raise typer.Exit(launch(nproc, recipe, overrides, run_dir, max_steps, resume, force))
@@ -130,10 +130,11 @@ def train(
         directory.create()
         outcome.log_dir, outcome.on_bad_input = run_dir, directory.discard
         try:
-            summary = run_training(loaded, run_dir, resume=resume, force=force, stop_at=max_steps)
+            summary = run_training(loaded, run_dir, resume=found if resume is not None else None, force=force,
+                                   stop_at=max_steps)
         finally:
             distributed.leave()
-    if "stopped by" in summary:
+    if summary.stopped_by:
         raise typer.Exit(STOPPED)
 
 
@@ -146,9 +147,11 @@ def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None, nproc:
     import os
 
     from lean_relora.cli.launch import free_gpu_bytes
-    from lean_relora.training.distributed import launched
+    from lean_relora.memory.analytic import VocabUnknown, recipe_vocab_size
+    from lean_relora.memory.estimate import refusal
+    from lean_relora.memory.host_ram import host_refusal
     from lean_relora.sysmem import available_bytes
-    from lean_relora.memory.estimate import VocabUnknown, host_refusal, recipe_vocab_size, refusal
+    from lean_relora.training.distributed import launched
     from lean_relora.training.step import resolve_device
 
     if checkpoint is not None and recipe.model.pretrained and not Path(recipe.model.pretrained).is_dir():

@@ -32,11 +32,11 @@ class UserError(Exception):
 def user_errors() -> tuple[type[Exception], ...]:
     """Every error type that means bad input. Imported here, when a command fails, so that a command that does not
     need torch or datasets never imports them."""
-    from lean_relora.training.checkpoint import CheckpointError
     from lean_relora.data.corpus import DataError
-    from lean_relora.tools.export import ExportError
     from lean_relora.recipe import RecipeError
+    from lean_relora.tools.export import ExportError
     from lean_relora.tools.report import ReportError
+    from lean_relora.training.checkpoint import CheckpointError
 
     return UserError, RecipeError, DataError, CheckpointError, ExportError, ReportError
 

@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from lean_relora.data.corpus import DataError, load_documents
-from lean_relora.recipe import DataConfig
-from lean_relora.data.tokenizer import SAVED, load_tokenizer, tokenizer_name
 from lean_relora.data import token_files as tokens
+from lean_relora.data.corpus import DataError, load_documents
+from lean_relora.data.tokenizer import SAVED, load_tokenizer, tokenizer_name
+from lean_relora.recipe import DataConfig
 
 _INT32_IDS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})  # half int64's RAM
 STREAM_DOCUMENTS = 64  # documents a stream tokenizes per call; a resume re-reads at most one such batch

@@ -25,11 +25,20 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lean_relora.data.corpus import DataError, load_documents
+from lean_relora.data.token_files import (
+    DATA_KEYS,
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    document_ids,
+    is_prepared,
+    read_manifest,
+    token_dtype,
+    tokenizer_hash,
+)
+from lean_relora.data.tokenizer import load_tokenizer, tokenizer_name
 from lean_relora.durable import sync_dir, write_synced
 from lean_relora.recipe import DataConfig
-from lean_relora.data.tokenizer import load_tokenizer, tokenizer_name
-from lean_relora.data.token_files import (DATA_KEYS, FORMAT, MANIFEST, SPLITS, document_ids, is_prepared, read_manifest,
-                                token_dtype, tokenizer_hash)
 
 BATCH_DOCUMENTS = 1000  # documents per tokenizer call: enough for every core, little memory
 PROGRESS = "progress.json"  # in the partial directory: how far each split is written (what a rerun continues from)

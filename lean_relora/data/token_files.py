@@ -24,7 +24,6 @@ import numpy as np
 
 from lean_relora.data.corpus import DOCUMENT_KEYS, DataError
 from lean_relora.recipe import DataConfig
-from lean_relora.data.tokenizer import SAVED as TOKENIZER  # the directory name a run keeps its tokenizer under, too
 
 PREFIX = "prepared:"
 FORMAT = 1

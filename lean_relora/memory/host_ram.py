@@ -15,11 +15,13 @@ What lives in host RAM beside the GPU (names as in the table memory-estimate pri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from lean_relora.memory.analytic import GIB, analytic, recipe_vocab_size, target_shapes, with_model_sizes
 from lean_relora.model.streamed import streams
-from lean_relora.training.optim import SlicedAdamW8bit
 from lean_relora.recipe import Recipe
+from lean_relora.training.distributed import Ranks
+from lean_relora.training.optim import SlicedAdamW8bit
 
 # A training process beyond its tensors: the interpreter and libraries (466 MiB right after the imports), plus the
 # data pipeline, the tokenizer and the code pages and kernel caches of the first steps (`bench/process_memory.py`:
@@ -92,3 +94,52 @@ def on_one_host(host: HostRam, nproc: int) -> int:
     rank is a process with its own transients, in lockstep, so their peaks coincide; the masters are there once,
     split among them."""
     return nproc * (host.peak - host.masters) + host.masters_total
+
+
+RESIDENT = ("frozen base (stored)", "frozen full-rank weights", "trainable weights", "optimizer state")
+
+
+def host_estimate(recipe: Recipe, vocab: int, nproc: int = 1) -> HostRam:
+    """Host RAM by phase (host.py) of one of `nproc` ranks, from the analytic model alone: quick enough for train's
+    pre-start check. A rank keeps the masters distributed.py assigns it: the largest share counts."""
+    shapes, m = target_shapes(recipe, vocab), recipe.model
+    others = (2 * m.num_layers + 1 + vocab * (1 if m.tie_embeddings else 2)) * m.hidden_size
+    relora = analytic(recipe, vocab)
+    step = max(sum(relora.values()), sum(analytic(recipe, vocab, "full").values()) if
+               recipe.relora.warm_start_steps else 0)
+    embedding = vocab * m.hidden_size
+    largest = max(max(o * i for o, i in shapes) if recipe.relora.warm_start_steps else 0,
+                  embedding if recipe.lora.train_embeddings or recipe.lora.train_lm_head else 0,
+                  max(recipe.lora.rank * max(o, i) for o, i in shapes))
+    offloaded = offloaded_bytes(recipe) if recipe.train.offloads else 0
+    host = host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), largest,
+                    relora["trainable weights"], offloaded)
+    if nproc > 1 and host.masters:
+        owners = Ranks(0, nproc).owners([o * i for o, i in shapes])
+        share = max(sum(4 * o * i for (o, i), rank in zip(shapes, owners) if rank == r) for r in range(nproc))
+        host = replace(host, masters=share, masters_total=host.masters)
+    return host
+
+
+def offloaded_bytes(recipe: Recipe) -> int:
+    """Host bytes train.offload_activations holds at the start of backward: every block's input and the final
+    hidden states the loss keeps, in the model's dtype, and what the final RMSNorm saves (two fp32 tensors and one
+    in the model's dtype; tests/test_offload.py counts them)."""
+    m = recipe.model
+    w = 2 if m.dtype == "bf16" else 4
+    tokens = recipe.train.micro_batch_size * recipe.data.seq_len
+    return tokens * m.hidden_size * (w * (m.num_layers + 2) + 8)
+
+
+def host_refusal(recipe: Recipe, available: int, nproc: int = 1) -> str | None:
+    """Why `train` should not start with `available` bytes of host RAM (shared by `nproc` ranks), or None when the
+    recipe fits."""
+    recipe = with_model_sizes(recipe)
+    host = host_estimate(recipe, recipe_vocab_size(recipe), nproc)
+    need = on_one_host(host, nproc)
+    if need <= available:
+        return None
+    advice = 'set relora.master = "disk", ' if host.masters_total else ""
+    return (f"the recipe needs about {need / GIB:.1f} GiB of host RAM at its peak, {available / GIB:.1f} GiB "
+            f"are available (lean-relora memory-estimate shows the breakdown); {advice}free memory, or pass --force "
+            "to start anyway")

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lean_relora.model.build import build_model
-from lean_relora.training.optim import paged_bytes_held
-from lean_relora.recipe import Recipe
-from lean_relora.training.schedule import JaggedCosine
-from lean_relora.training.run import Run, TrainState
 from lean_relora.memory.trace import LiveBytes, model_tensors
-from lean_relora.training.step import train_step
+from lean_relora.model.build import build_model
+from lean_relora.recipe import Recipe
 from lean_relora.training.loop import start_relora, start_warm
+from lean_relora.training.optim import paged_bytes_held
 from lean_relora.training.restart import restart
+from lean_relora.training.run import Run, TrainState
+from lean_relora.training.schedule import JaggedCosine
+from lean_relora.training.step import train_step
 
 
 class RandomTokens:

@@ -19,14 +19,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lean_relora.model.loss import causal_lm_loss
 from lean_relora.model.build import DTYPES, architecture, build_model
-from lean_relora.model.offload import offloading
-from lean_relora.training.optim import build_optimizer
 from lean_relora.model.frozen_base import quant_state_tensors
-from lean_relora.recipe import Recipe
+from lean_relora.model.loss import causal_lm_loss
+from lean_relora.model.offload import offloading
 from lean_relora.model.relora import relora_layers, set_trainable, wrap_model
+from lean_relora.recipe import Recipe
 from lean_relora.training.distributed import SOLO
+from lean_relora.training.optim import build_optimizer
 from lean_relora.training.restart import merge_cycle
 
 

@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lean_relora.recipe import RecipeError
 from lean_relora.model.relora import relora_layers
+from lean_relora.recipe import RecipeError
 
 OVERSAMPLING = 8  # extra sketch columns beyond the rank: Halko et al.'s p = 5..10 makes the range finder's error
                   # close to the best rank-r error with high probability

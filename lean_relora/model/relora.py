@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lean_relora.sysmem import release_freed_memory
-from lean_relora.model.master import DiskMaster, DiskMasters, MasterStore, RamMaster
 from lean_relora.model.frozen_base import FrozenBase
+from lean_relora.model.master import DiskMaster, DiskMasters, MasterStore, RamMaster
 from lean_relora.recipe import LoraConfig, RecipeError
+from lean_relora.sysmem import release_freed_memory
 
 
 class ReLoRALinear(nn.Module):

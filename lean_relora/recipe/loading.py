@@ -5,9 +5,10 @@ names the file (or the --set) it came from, the key, the value and the rule.
 from __future__ import annotations
 
 import difflib
-import tomllib
 import typing
 from pathlib import Path
+
+import tomllib
 
 from lean_relora.recipe.sections import SECTIONS, Recipe, RecipeError
 

@@ -23,12 +23,11 @@ from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.hub import convert_file_size_to_int
 
-from lean_relora.training import checkpoint
 from lean_relora.data.packing import build_eval_data
-from lean_relora.sysmem import release_freed_memory
-from lean_relora.model.relora import ReLoRALinear
-from lean_relora.tools.hf_shards import ShardWriter
 from lean_relora.data.tokenizer import SAVED, saved_tokenizer, tokenizer_name
+from lean_relora.model.relora import ReLoRALinear
+from lean_relora.sysmem import release_freed_memory
+from lean_relora.tools.hf_shards import ShardWriter
 from lean_relora.tools.rebuild import Trained, load_trained
 from lean_relora.training.step import eval_loss, resolve_device
 
@@ -165,5 +164,5 @@ def evaluate_checkpoint(source: str | Path, data: str | None = None) -> dict:
     data = build_eval_data(cfg, run_tokenizer(trained))
     loss = eval_loss(trained.model, recipe, device, data)
     tokens = sum(ids.numel() for ids in data.eval_batches(recipe.train.micro_batch_size, recipe.eval.batches))
-    return {"checkpoint": str(trained.path), "step": checkpoint.read_state(trained.path)["train_state"]["step"],
+    return {"checkpoint": str(trained.path), "step": trained.checkpoint.step,
             "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "tokens": tokens, "problems": trained.problems}

@@ -17,20 +17,27 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lean_relora.training import checkpoint
-from lean_relora.model.streamed import parameters_on_meta
-from lean_relora.model.master import MappedMaster, RamMaster
 from lean_relora.model.build import DTYPES
-from lean_relora.recipe import Recipe
+from lean_relora.model.master import MappedMaster, RamMaster
 from lean_relora.model.relora import wrap_model
+from lean_relora.model.streamed import parameters_on_meta
+from lean_relora.recipe import Recipe
+from lean_relora.training import checkpoint
 
 
 @dataclass
 class Trained:
     model: nn.Module  # as it trained: quantized base + LoRA factors (or dense, before the warm start ended)
     recipe: Recipe
-    path: Path  # the checkpoint it came from
-    problems: list[str]  # damaged newer checkpoints that were skipped
+    checkpoint: checkpoint.Checkpoint  # the checkpoint it came from (path, step, damaged newer ones skipped)
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self.checkpoint.problems)
 
 
 class CheckpointMasters:
@@ -54,16 +61,16 @@ def placeholder(name: str, layer: nn.Module) -> None:
                                                    requires_grad=False)
 
 
-def load_trained(source: str | Path, device: torch.device | str = "cpu") -> Trained:
+def load_trained(source: str | Path | checkpoint.Checkpoint, device: torch.device | str = "cpu") -> Trained:
     """The model of a checkpoint, or of a run's newest intact one, rebuilt from its config and recipe."""
-    path, problems = checkpoint.resolve(source)
-    recipe, state = checkpoint.saved_recipe(path), checkpoint.read_state(path)
+    found = checkpoint.resolve(source)
+    path, recipe, state = found.path, found.recipe, found.state
     dtype = DTYPES[recipe.model.dtype]
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(checkpoint.saved_config(path), dtype=dtype)
     if state["relora"]:
-        files = set(checkpoint.verify(path, checksums=False)["files"])  # resolve verified it; this reads its list
+        files = set(found.meta["files"])
         wrap_model(model, recipe.lora, keep_master=state["masters"], dtype=dtype, master_store=CheckpointMasters(files),
                    materialize=placeholder)
-    checkpoint.load_model_state(model, path)
-    return Trained(model.to(device).eval(), recipe, path, problems)
+    checkpoint.load_model_state(model, found)
+    return Trained(model.to(device).eval(), recipe, found)

@@ -42,16 +42,16 @@ def spectrum_of(run_dir: str | Path, layer: str | None = None, label: str | None
     full-rank rounding error shows in the tail."""
     import torch
 
+    from lean_relora.model.relora import ReLoRALinear
+    from lean_relora.tools.export import load_trained, merged_layer
     from lean_relora.training import checkpoint
     from lean_relora.training import merge_log as merges
-    from lean_relora.tools.export import load_trained, merged_layer
-    from lean_relora.model.relora import ReLoRALinear
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
-    end, _ = checkpoint.find_latest(run_dir)
-    trained = load_trained(end)
+    found = checkpoint.resolve(run_dir)  # verified once; the rebuild takes the value
+    end, trained = found.path, load_trained(found)
     modules = dict(trained.model.named_modules())
     wrapped = [n for n, m in modules.items() if isinstance(m, ReLoRALinear)]
     linear = wrapped + [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in wrapped]
@@ -62,7 +62,7 @@ def spectrum_of(run_dir: str | Path, layer: str | None = None, label: str | None
     module = modules[name]
     recipe, config, rank = trained.recipe, trained.model.config, getattr(module, "rank", None)
     recorded = merges.recorded(run_dir, checkpoint.step_of(end))
-    if name in wrapped and len(recorded) == checkpoint.read_state(end)["train_state"]["restarts"]:
+    if name in wrapped and len(recorded) == found.state["train_state"]["restarts"]:
         update = module.scale * module.lora_B.detach().cpu().double() @ module.lora_A.detach().cpu().double()
         if recorded:
             update += merges.accumulated(recorded, name)

@@ -43,11 +43,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
 from lean_relora.durable import file_sha256, sync_dir, write_synced, write_text
-from lean_relora.model.streamed import StateMismatch, TensorSource, load_state
-from lean_relora.model.master import DiskMaster, link_or_copy
-from lean_relora.training.optim import load_optimizer_state, optimizer_state
 from lean_relora.model.frozen_base import FrozenBase
+from lean_relora.model.master import DiskMaster, link_or_copy
+from lean_relora.model.streamed import StateMismatch, TensorSource, load_state
 from lean_relora.recipe import Recipe, load_recipe
+from lean_relora.training.optim import load_optimizer_state, optimizer_state
 from lean_relora.training.run import Run
 
 FORMAT = 1
@@ -256,6 +256,38 @@ def verify(path: Path, checksums: bool = True) -> dict:
     return meta
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint found and verified once: where it is and what its meta.json, state.json and recipe say. Every
+    reader of a resumed or exported checkpoint takes this value instead of parsing the files again."""
+
+    path: Path
+    meta: dict  # meta.json: format, versions, every file's size and sha256
+    state: dict  # state.json: counters, optimizer hyper-parameters, RNG states, relora and masters flags, ranks
+    recipe: Recipe  # recipe.toml
+    problems: tuple[str, ...] = ()  # newer checkpoints skipped as damaged on the way to this one
+    checksummed: bool = True  # False: sizes checked, contents not (enough to pick a recipe, not to load)
+
+    @classmethod
+    def read(cls, path: Path, checksums: bool = True, problems: tuple[str, ...] = ()) -> Checkpoint:
+        path = Path(path)
+        meta = verify(path, checksums)
+        return cls(path, meta, read_state(path), saved_recipe(path), tuple(problems), checksums)
+
+    @property
+    def step(self) -> int:
+        return self.state["train_state"]["step"]
+
+    @property
+    def ranks(self) -> int:
+        return self.state.get("ranks", 1)
+
+    @property
+    def past_warm_start(self) -> bool:
+        """Whether the model holds ReLoRA layers (false: a dense model, saved during the full-rank warm start)."""
+        return self.state["relora"]
+
+
 def find_latest(run_dir: Path, checksums: bool = True) -> tuple[Path, list[str]]:
     """The newest intact checkpoint of a run (the one `latest` names, else by step) and the problems of any newer
     ones that were skipped."""
@@ -274,22 +306,29 @@ def find_latest(run_dir: Path, checksums: bool = True) -> tuple[Path, list[str]]
     raise CheckpointError(f"{run_dir}: no complete checkpoint in {root}{found}")
 
 
-def resolve(spec: str | Path, run_dir: Path | None = None, checksums: bool = True) -> tuple[Path, list[str]]:
+def resolve(spec: str | Path | Checkpoint, run_dir: Path | None = None, checksums: bool = True) -> Checkpoint:
     """`auto` (the newest intact checkpoint of run_dir), a run directory (the same), or a checkpoint directory
-    (verified, no fallback: it was asked for by name)."""
+    (verified, no fallback: it was asked for by name). A Checkpoint already resolved is returned as it is, unless
+    its contents were not checksummed and `checksums` asks for that."""
+    if isinstance(spec, Checkpoint):
+        return spec if spec.checksummed or not checksums else Checkpoint.read(spec.path, True, spec.problems)
     if str(spec) == "auto":
         if run_dir is None:
             raise CheckpointError("--resume auto: needs the run directory (--run-dir) whose checkpoints to continue")
-        return find_latest(run_dir, checksums)
+        return Checkpoint.read(*_latest(run_dir, checksums))
     path = Path(spec)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if (path / META).exists() or NAME.fullmatch(path.name):
-        verify(path, checksums)
-        return path, []
+        return Checkpoint.read(path, checksums)
     if (path / CHECKPOINTS).is_dir():
-        return find_latest(path, checksums)
+        return Checkpoint.read(*_latest(path, checksums))
     raise CheckpointError(f"{path}: neither a checkpoint ({META}) nor a run directory ({CHECKPOINTS}/)")
+
+
+def _latest(run_dir: Path, checksums: bool) -> tuple[Path, bool, tuple[str, ...]]:
+    path, problems = find_latest(run_dir, checksums)
+    return path, checksums, tuple(problems)
 
 
 def _pointer(root: Path) -> str | None:
@@ -325,16 +364,17 @@ def read_state(path: Path) -> dict:
     return json.loads((Path(path) / STATE).read_text())
 
 
-def load_model_state(model: torch.nn.Module, path: Path) -> None:
+def load_model_state(model: torch.nn.Module, found: Checkpoint) -> None:
     """Weights, LoRA factors and the stored base (buffers, quant states, masters, probes) into a model of the same
     structure."""
+    path = found.path
     try:
         load_state(model, TensorSource(path, MODEL))
     except StateMismatch as e:
         why = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{path}: does not fit the model the recipe builds ({why})") from None
     bases = TensorSource(path, BASE)  # read a layer at a time: with masters in RAM the file is 4 bytes per weight
-    meta, generation = json.loads((Path(path) / META).read_text()), read_state(path)["train_state"]["restarts"]
+    meta, generation = found.meta, found.state["train_state"]["restarts"]
     stores = {}
     for name, module in model.named_modules():
         if isinstance(module, FrozenBase):
@@ -348,11 +388,11 @@ def load_model_state(model: torch.nn.Module, path: Path) -> None:
         store.collect()
 
 
-def restore(run: Run, path: Path) -> None:
+def restore(run: Run, found: Checkpoint) -> None:
     """Load a checkpoint into a run built from its recipe (setup, plus start_relora if the checkpoint is past the
     warm start): model, optimizer, counters and every RNG, so that training continues bit for bit."""
-    state = read_state(path)
-    load_model_state(run.model, path)
+    path, state = found.path, found.state
+    load_model_state(run.model, found)
     tensors = load_file(Path(path) / TENSORS)
     try:
         load_optimizer_state(run.optimizer, {k[len(OPTIMIZER_KEY):]: v for k, v in tensors.items()

@@ -22,7 +22,6 @@ import inspect
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,8 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lean_relora.recipe import Recipe
 from lean_relora.model.relora import ReLoRALinear
+from lean_relora.recipe import Recipe
 
 BACKEND = "cpu:gloo,cuda:nccl"  # CPU tensors (flags, Python objects) over gloo, CUDA tensors over NCCL
 TIMEOUT = timedelta(minutes=30)  # a rank waiting this long on the others gives up (a merge of 7B takes minutes)

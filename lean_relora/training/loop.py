@@ -16,28 +16,32 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from torch import nn
 from transformers import PretrainedConfig
 
+from lean_relora.data.packing import build_data
+from lean_relora.model.build import DTYPES, build_model, prepare_model, pretrained_config
+from lean_relora.model.loss import output_head
+from lean_relora.model.master import LIVE_MASTERS, DiskMasters
+from lean_relora.model.relora import (
+    relora_layers,
+    set_trainable,
+    target_modules,
+    target_summary,
+    wrap_model,
+)
+from lean_relora.model.streamed import TensorSource, empty_pretrained, fill_remaining, streamable, streams
+from lean_relora.recipe import Recipe, RecipeError
+from lean_relora.sysmem import map_large_allocations
 from lean_relora.training import checkpoint
 from lean_relora.training import merge_log as merges
-from lean_relora.data.packing import build_data
 from lean_relora.training.distributed import SOLO, Ranks, join, resume_refusal
-from lean_relora.model.master import LIVE_MASTERS, DiskMaster, DiskMasters
-from lean_relora.sysmem import map_large_allocations
-from lean_relora.model.loss import output_head
-from lean_relora.model.streamed import TensorSource, empty_pretrained, fill_remaining, streamable, streams
-from lean_relora.model.build import DTYPES, build_model, prepare_model, pretrained_config
-from lean_relora.training.optim import build_optimizer, reset_state, set_lr
-from lean_relora.training.progress import METRICS, Reporter, command, drop_records_after
-from lean_relora.recipe import Recipe, RecipeError
-from lean_relora.model.relora import (lora_parameters, relora_layers, set_trainable, target_modules, target_summary,
-                                wrap_model)
+from lean_relora.training.optim import build_optimizer, set_lr
+from lean_relora.training.progress import METRICS, Reporter, RunSummary, command, drop_records_after
+from lean_relora.training.restart import gradient_init, restart
+from lean_relora.training.run import Run, TrainState
 from lean_relora.training.schedule import JaggedCosine
 from lean_relora.training.sinks import check_sinks, open_sinks
-from lean_relora.training.restart import gradient_init, restart
 from lean_relora.training.step import evaluate, resolve_device, train_step, wrap_for_ranks
-from lean_relora.training.run import Run, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +153,21 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     run.ddp = wrap_for_ranks(run)
 
 
-def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None, resume: str | Path | None = None,
-          force: bool = False, stop_at: int | None = None) -> dict:
+def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None, resume: str | Path | checkpoint.Checkpoint | None = None,
+          force: bool = False, stop_at: int | None = None) -> RunSummary:
     """Run the recipe to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint: the schedule still
     ends at train.max_steps, so a run stopped there and resumed is the uninterrupted run); metrics go to
     run_dir/metrics.jsonl. Returns the summary.
 
     Checkpoints go to run_dir/checkpoints every `checkpoint.every` steps, at the end, and when SIGINT/SIGTERM stops
-    the run (after the current step; the summary then has "stopped by"). `resume`: "auto" (the newest intact
+    the run (after the current step; the summary's stopped_by then names it). `resume`: "auto" (the newest intact
     checkpoint of run_dir), a checkpoint or a run directory; `force` accepts recipe changes that alter the run."""
     with StopRequest() as stop:
         return _train(recipe, Path(run_dir), reporter, resume, force, stop, stop_at or recipe.train.max_steps)
 
 
 def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, force: bool, stop: StopRequest,
-           end: int) -> dict:
+           end: int) -> RunSummary:
     if end > recipe.train.max_steps:
         raise RecipeError(f"--max-steps {end}: beyond train.max_steps ({recipe.train.max_steps}), where the learning "
                           f"rate schedule ends; to train longer raise it: --set train.max_steps={end}")
@@ -173,21 +177,21 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
     if ranks.several and recipe.relora.init == "gradient":  # each rank would sketch its own micro-batches
         raise RecipeError('relora.init = "gradient": not yet supported with several ranks; use "random" with --nproc')
     # A resume is checked before setup: a refused data change must not reach the run's tokenizer cache.
-    found = _check_resume(recipe, run_dir, resume, force, ranks.size) if resume is not None else None
+    found, lines = _check_resume(recipe, run_dir, resume, force, ranks.size) if resume is not None else (None, [])
     check_sinks(recipe.log)  # a missing optional library is bad input: refused before the costly setup
     # A resumed run's weights come from the checkpoint. A pretrained model still in its directory is streamed from
     # there (host RAM: one layer); one that moved, or a hub name, is built from the checkpoint's config instead.
     rebuild = found and recipe.model.pretrained and not streamable(recipe.model.pretrained)
-    run = setup(recipe, run_dir, checkpoint.saved_config(found[0]) if rebuild else None, ranks)
+    run = setup(recipe, run_dir, checkpoint.saved_config(found.path) if rebuild else None, ranks)
     if found is not None and ranks.is_main:  # records of steps the resumed run redoes (killed past the checkpoint) go
-        drop_records_after(run_dir / METRICS, checkpoint.read_state(found[0])["train_state"]["step"])
+        drop_records_after(run_dir / METRICS, found.step)
     if not ranks.is_main:  # logging, progress and metrics come from rank 0
         reporter = Reporter(Path(os.devnull), end, console=Console(file=io.StringIO()), live=False)
     reporter = reporter or Reporter(run_dir / METRICS, end,
                                     sinks=open_sinks(recipe.log, run_dir, recipe.to_dict()))
     reporter.line(f"run dir: {run_dir}")
-    saved_step = _resume(run, *found, reporter) if found is not None else None
-    saved_path = found[0] if found is not None else None
+    saved_step = _resume(run, found, lines, reporter) if found is not None else None
+    saved_path = found.path if found is not None else None
     state, schedule = run.state, run.schedule
     if state.step >= end and end < recipe.train.max_steps:
         raise RecipeError(f"--max-steps {end}: the run is already at step {state.step}; give a later step")
@@ -256,48 +260,46 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             reporter.line(f"step {state.step}: stopped at --max-steps {end} of {recipe.train.max_steps}; continue "
                           f"with: {resume_command}")
     (_, first), (_, last) = state.eval_losses[0], state.eval_losses[-1]
-    summary = {"steps": state.step, "restarts": state.restarts, "tokens": state.tokens, "train loss": loss,
-               "first eval loss": first, "last eval loss": last,
-               "tokens/s": (state.tokens - loop_tokens) / loop_seconds if state.tokens > loop_tokens else None,
-               "seconds": time.perf_counter() - started, "run dir": str(run_dir), "checkpoint": str(saved_path),
-               "next": resume_command if state.step < recipe.train.max_steps
-               else command("lean-relora", "export", run_dir, run_dir / "hf")}
-    if state.skipped:
-        summary["skipped steps"] = state.skipped
-    if stop.signal:
-        summary["stopped by"] = stop.signal
+    summary = RunSummary(
+        steps=state.step, restarts=state.restarts, tokens=state.tokens, train_loss=loss, first_eval_loss=first,
+        last_eval_loss=last, tokens_per_s=(state.tokens - loop_tokens) / loop_seconds if state.tokens > loop_tokens
+        else None, seconds=time.perf_counter() - started, run_dir=run_dir, checkpoint=saved_path,
+        next_command=resume_command if state.step < recipe.train.max_steps
+        else command("lean-relora", "export", run_dir, run_dir / "hf"),
+        skipped_steps=state.skipped, stopped_by=stop.signal)
     reporter.close(summary)
     return summary
 
 
-def _check_resume(recipe: Recipe, run_dir: Path, resume: str | Path, force: bool,
-                  ranks: int = 1) -> tuple[Path, list[str]]:
+def _check_resume(recipe: Recipe, run_dir: Path, resume: str | Path | checkpoint.Checkpoint, force: bool,
+                  ranks: int = 1) -> tuple[checkpoint.Checkpoint, list[str]]:
     """The checkpoint to resume from and the lines to report; CheckpointError if it is missing or damaged, or if
     the recipe changes fields that alter the run (or `ranks` differs from the checkpoint's) and `force` is off."""
-    path, problems = checkpoint.resolve(resume, run_dir)
-    lines = [f"skipped damaged checkpoint: {problem}" for problem in problems]
-    saved = checkpoint.read_state(path).get("ranks", 1)
-    if reason := resume_refusal(saved, ranks, recipe):
+    found = checkpoint.resolve(resume, run_dir)
+    path = found.path
+    lines = [f"skipped damaged checkpoint: {problem}" for problem in found.problems]
+    if reason := resume_refusal(found.ranks, ranks, recipe):
         if not force:
             raise checkpoint.CheckpointError(f"{path}: {reason}")
-        lines.append(f"resuming with {ranks} process(es) instead of the checkpoint's {saved} (forced)")
-    refused, allowed = checkpoint.saved_recipe(path).changes(recipe)
+        lines.append(f"resuming with {ranks} process(es) instead of the checkpoint's {found.ranks} (forced)")
+    refused, allowed = found.recipe.changes(recipe)
     if refused and not force:
         raise checkpoint.CheckpointError(
             f"{path}: the recipe differs from the checkpoint's in {', '.join(refused)}; these change the run: resume "
             "with the checkpoint's recipe (omit RECIPE) or pass --force")
     if refused or allowed:
         lines.append(f"resuming with changed {', '.join(refused + allowed)}" + (" (forced)" if refused else ""))
-    return path, lines
+    return found, lines
 
 
-def _resume(run: Run, path: Path, lines: list[str], reporter: Reporter) -> int:
+def _resume(run: Run, found: checkpoint.Checkpoint, lines: list[str], reporter: Reporter) -> int:
     """Load the checkpoint into the freshly set-up run; returns its step."""
     for line in lines:
         reporter.line(line)
-    if checkpoint.read_state(path)["relora"] and not relora_layers(run.model):
+    if found.past_warm_start and not relora_layers(run.model):
         start_relora(run)  # the checkpoint is past the warm start
-    checkpoint.restore(run, path)
+    checkpoint.restore(run, found)
+    path = found.path
     state = run.state
     state.bad_steps = 0  # a resumed run gets the full allowance of skipped steps again
     reporter.line(f"resumed from {path} at step {state.step} ({state.restarts} restarts, {state.tokens:,} tokens)")

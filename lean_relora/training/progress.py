@@ -20,6 +20,7 @@ import math
 import os
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -50,6 +51,25 @@ def duration(seconds: float | None) -> str:
 
 def ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How a run ended: what train() returns, the summary prints, and the command line reads its exit code from."""
+
+    steps: int  # optimizer steps done
+    restarts: int  # merges done
+    tokens: int  # tokens trained on
+    train_loss: float | None  # the last step's loss (None: no step ran in this process)
+    first_eval_loss: float
+    last_eval_loss: float
+    tokens_per_s: float | None  # average over this process's steps
+    seconds: float  # wall time of the whole call, setup included
+    run_dir: Path
+    checkpoint: Path | None  # the checkpoint the run ended with
+    next_command: str  # what to run next: resume, or export
+    skipped_steps: int = 0  # steps skipped for a NaN/inf loss or gradient
+    stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run (exit code 75)
 
 
 class Reporter:
@@ -177,34 +197,34 @@ class Reporter:
 
     # ------------------------------------------------------------------------------------------- summary
 
-    def close(self, summary: dict) -> None:
-        """Stop the status line and print the summary (train.train's dict), one `key  value` line each, so that
-        its paths and the next command stay copyable at any width."""
+    def close(self, summary: RunSummary) -> None:
+        """Stop the status line and print the summary, one `key  value` line each, so that its paths and the next
+        command stay copyable at any width."""
         if self.display is not None:
             self.display.stop()
             self.display = None
         self.metrics.close()
         for sink in self.sinks:
             sink.close()
-        rows = [("steps", f"{number(summary['steps'])} of {number(self.total)}"),
-                ("restarts", number(summary["restarts"])),
-                ("tokens", number(summary["tokens"]))]
-        if summary.get("train loss") is not None:
-            rows.append(("train loss", f"{number(summary['train loss'])} (perplexity "
-                                       f"{number(ppl(summary['train loss']))}, last step)"))
-        first, last = summary["first eval loss"], summary["last eval loss"]
-        rows.append(("eval loss", f"{number(last)} (perplexity {number(ppl(last))}; at the start {number(first)})"))
-        if summary.get("tokens/s") is not None:
-            rows.append(("tokens/s", f"{number(round(summary['tokens/s']))} (average)"))
-        rows.append(("time", duration(summary["seconds"])))
-        for key in ("skipped steps", "stopped by"):
-            if key in summary:
-                rows.append((key, str(summary[key]) if isinstance(summary[key], str) else number(summary[key])))
-        rows.append(("run dir", str(summary["run dir"])))
-        if summary.get("checkpoint"):
-            rows.append(("checkpoint", str(summary["checkpoint"])))
-        if summary.get("next"):
-            rows.append(("next", summary["next"]))
+        s = summary
+        rows = [("steps", f"{number(s.steps)} of {number(self.total)}"), ("restarts", number(s.restarts)),
+                ("tokens", number(s.tokens))]
+        if s.train_loss is not None:
+            rows.append(("train loss", f"{number(s.train_loss)} (perplexity {number(ppl(s.train_loss))}, last step)"))
+        rows.append(("eval loss", f"{number(s.last_eval_loss)} (perplexity {number(ppl(s.last_eval_loss))}; at the "
+                                  f"start {number(s.first_eval_loss)})"))
+        if s.tokens_per_s is not None:
+            rows.append(("tokens/s", f"{number(round(s.tokens_per_s))} (average)"))
+        rows.append(("time", duration(s.seconds)))
+        if s.skipped_steps:
+            rows.append(("skipped steps", number(s.skipped_steps)))
+        if s.stopped_by:
+            rows.append(("stopped by", s.stopped_by))
+        rows.append(("run dir", str(s.run_dir)))
+        if s.checkpoint:
+            rows.append(("checkpoint", str(s.checkpoint)))
+        if s.next_command:
+            rows.append(("next", s.next_command))
         self.line("run summary")
         for key, value in rows:
             self.line(f"  {key:<11} {value}")

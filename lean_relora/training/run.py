@@ -12,9 +12,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from lean_relora.training.distributed import SOLO, Ranks
 from lean_relora.data.prefetch import BatchLoader
 from lean_relora.recipe import Recipe
+from lean_relora.training.distributed import SOLO, Ranks
 from lean_relora.training.schedule import JaggedCosine
 
 

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from lean_relora.data.packing import document_positions
-from lean_relora.sysmem import release_freed_memory
 from lean_relora.model.loss import causal_lm_loss
 from lean_relora.model.offload import offloading
-from lean_relora.training.optim import optimizer_params
 from lean_relora.recipe import Recipe, RecipeError
+from lean_relora.sysmem import release_freed_memory
 from lean_relora.training.distributed import SOLO, Ranks
+from lean_relora.training.optim import optimizer_params
 from lean_relora.training.run import BatchSource, Run
 
 
