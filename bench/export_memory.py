@@ -81,7 +81,8 @@ def main() -> None:
                               *[arg for o in overrides(model_dir) for arg in ("--set", o)]])
     export_rss = {}
     for size in args.max_shard_size:
-        export_rss[f"--max-shard-size {size}"] = peak_rss([*CLI, "export", str(run_dir), str(out_dir), "--max-shard-size", size])
+        export_rss[f"--max-shard-size {size}"] = peak_rss([*CLI, "export", str(run_dir), str(out_dir),
+                                                            "--max-shard-size", size])
         shutil.rmtree(out_dir)
     if args.compare_with:
         export_rss[f"{args.compare_with} (earlier code)"] = peak_rss([*CLI, "export", str(run_dir), str(out_dir)],

@@ -17,10 +17,10 @@ into --out DIR as soon as that part ends:
                     variants), steps interleaved in one process, as ratios; on CUDA also lean-relora with its
                     checkpointed activations in host RAM (train.offload_activations), which the 1.3B and 7B recipes
                     turn on. Every variant computes its loss with the chunked loss training uses
-                    (lean_relora.model.loss.causal_lm_loss, train.loss_chunk_tokens tokens' logits at a time), never Hugging
-                    Face's `model(input_ids, labels).loss`:
-                      lean-relora (and its offloaded twin): lean_relora.training.step.micro_batch_loss, the training step's own
-                        function (causal_lm_loss under train.offload_activations' hooks where that is on);
+                    (lean_relora.model.loss.causal_lm_loss, train.loss_chunk_tokens tokens' logits at a time),
+                    never Hugging Face's `model(input_ids, labels).loss`:
+                      lean-relora (and its offloaded twin): lean_relora.training.step.micro_batch_loss, the training
+                        step's own function (causal_lm_loss under train.offload_activations' hooks where that is on);
                       PEFT QLoRA: causal_lm_loss on the PEFT model's underlying transformers model (get_base_model(),
                         LoRA layers injected; its lm_head is a plain Linear);
                       full-rank: causal_lm_loss on the dense transformers model;

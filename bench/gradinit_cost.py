@@ -79,7 +79,8 @@ def main() -> None:
               "sketch_seconds_per_restart": sketch_seconds, "passes_share_of_cycle": passes_share,
               "cycle_seconds_at_50k_tokens_per_s": cycle_seconds,
               "share_of_cycle": passes_share + sketch_seconds / cycle_seconds,
-              "cycle_seconds_here_lower_bound": cycle_here, "share_of_cycle_here": passes_share + sketch_seconds / cycle_here,
+              "cycle_seconds_here_lower_bound": cycle_here,
+              "share_of_cycle_here": passes_share + sketch_seconds / cycle_here,
               "sketch_bytes": sketch_bytes(all_shapes, rank)}
     console = Console(width=150)
     for name, s in per_shape.items():

@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3, help="steps of each variant per round")
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 1024, 256], help="train.loss_chunk_tokens values")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, e.g. train.threads=2")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="recipe override, e.g. train.threads=2")
     parser.add_argument("--out", type=Path, default=Path("results/loss_chunks.json"))
     args = parser.parse_args()
 

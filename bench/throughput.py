@@ -109,7 +109,8 @@ def main() -> None:
             times.append(timed_step(model, optimizer, ids))
 
     peer = tokens / statistics.median(variants["PEFT QLoRA (nf4 + LoRA)"][2])
-    table = Table(title=f"tokens/s on {torch.get_num_threads()} CPU threads: hidden {args.hidden}, {args.layers} layers, "
+    table = Table(title=f"tokens/s on {torch.get_num_threads()} CPU threads: hidden {args.hidden}, "
+                        f"{args.layers} layers, "
                         f"rank {args.rank}, batch {args.batch} x 128, median of {args.rounds} interleaved steps")
     for column in ("variant", "tokens/s", "vs PEFT QLoRA", "trainable params"):
         table.add_column(column, justify="right")
@@ -129,7 +130,8 @@ def main() -> None:
     cycle_seconds = 5000 * 1152 * 512 / 50_000
     merge = {"seconds_2048x2048": square, "seconds_5461x2048": wide, "seconds_per_restart_1b3": per_restart,
              "cycle_seconds_at_50k_tokens_per_s": cycle_seconds, "share_of_cycle": per_restart / cycle_seconds}
-    console.print(f"merge (nf4, fp32 master, this CPU): {square:.3f} s per 2048x2048 layer, {wide:.3f} s per 5461x2048; "
+    console.print(f"merge (nf4, fp32 master, this CPU): {square:.3f} s per 2048x2048 layer, "
+                  f"{wide:.3f} s per 5461x2048; "
                   f"{per_restart:.1f} s per 1.3B restart = {100 * per_restart / cycle_seconds:.4f}% of a 5,000-step "
                   f"cycle at 50k tokens/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

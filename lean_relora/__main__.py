@@ -1,4 +1,4 @@
-"""`python -m lean_relora`: the command line (cli.py), also how torchrun starts each rank."""
+"""`python -m lean_relora`: the command line (cli/app.py), also how torchrun starts each rank."""
 
 from lean_relora.cli.app import main
 

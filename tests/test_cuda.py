@@ -13,6 +13,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from helpers import small_model
 from torch import nn
 
 from lean_relora.memory.estimate import cublas_workspace_bytes
@@ -120,8 +121,7 @@ def test_int8_base_computes_the_same_function_in_train_and_eval_on_cuda():
 
 def cuda_recipe(steps: int = 12) -> Recipe:
     return Recipe(
-        model=ModelConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, dtype="bf16",
-                          max_position_embeddings=128),
+        model=small_model(dtype="bf16"),
         data=DataConfig(source="pydoc", bpe_vocab_size=512, seq_len=64, eval_fraction=0.1),
         lora=LoraConfig(rank=8, quant="nf4"),
         relora=ReloraConfig(restart_every=4, restart_warmup_steps=1, warm_start_steps=2),
@@ -196,7 +196,7 @@ def test_the_launcher_of_several_ranks_opens_no_cuda_context(tmp_path):
 
 
 def test_offloaded_activations_go_to_pinned_host_memory_and_leave_the_gradients_unchanged():
-    from test_offload import checkpointed_llama, gradients
+    from helpers import checkpointed_llama, gradients
 
     from lean_relora.model.offload import OffloadSaved
 

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_pretrained import TIMED_CLI
+from helpers import TIMED_CLI
 from tiny_models import save_tiny_model
 from transformers import AutoTokenizer
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import MALFORMED
 
 from lean_relora.recipe import SECTIONS, Recipe, RecipeError, default_recipe_path, load_recipe
 
@@ -37,26 +38,6 @@ def test_digest_changes_with_any_field():
     assert load_recipe(None).digest() != load_recipe(None, ["train.seed=1"]).digest()
 
 
-# (TOML body, expected message after "<file>: "). Each is one kind of mistake a user makes.
-MALFORMED = [
-    ("[modle]\nhidden_size = 8\n", "unknown section [modle]; did you mean 'model'?"),
-    ("[lora]\nrnak = 8\n", "unknown key lora.rnak; did you mean 'rank'?"),
-    ('[lora]\nrank = "8"\n', "lora.rank = '8': must be an integer, got str"),
-    ("[lora]\nrank = true\n", "lora.rank = True: must be an integer, got bool"),
-    ("[lora]\nrank = 0\n", "lora.rank = 0: must be > 0"),
-    ('[lora]\nquant = "nf3"\n', "lora.quant = 'nf3': must be one of nf4, fp4, int8, none"),
-    ("[relora]\nreset_ratio = 1.0\n", "relora.reset_ratio = 1.0: must be in [0, 1)"),
-    ("[relora]\nrestart_every = 50\nrestart_warmup_steps = 100\n",
-     "relora.restart_every = 50: must be longer than relora.restart_warmup_steps (100)"),
-    ("[data]\nseq_len = 4096\n[model]\nmax_position_embeddings = 2048\n",
-     "data.seq_len = 4096: must be <= model.max_position_embeddings (2048)"),
-    ("[optim]\nbetas = [0.9]\n", "optim.betas = [0.9]: must be two numbers in [0, 1)"),
-    ("[lora]\ntargets = [1, 2]\n", "lora.targets = [1, 2]: must be a list of strings, got list"),
-    ("lora = 3\n", "lora must be a [lora] table, got 3"),
-    ("[train]\nmax_steps = 10\n[relora]\nwarm_start_steps = 11\n",
-     "relora.warm_start_steps = 11: must be <= train.max_steps (10); equal trains full-rank throughout"),
-    ("[model]\nhidden_size = 100\nnum_heads = 3\n", "model.hidden_size = 100: must be divisible by model.num_heads"),
-]
 
 
 @pytest.mark.parametrize("body,message", MALFORMED, ids=[m.split(":")[0] for _, m in MALFORMED])

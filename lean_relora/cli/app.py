@@ -1,6 +1,6 @@
 """`lean-relora`: the command line, a thin layer over functions the tests call directly.
 
-Every command ends as outcome.py says: bad input (recipe, data, arguments) with one line on stderr saying what is
+Every command ends as errors.py says: bad input (recipe, data, arguments) with one line on stderr saying what is
 wrong and how to fix it, and exit code 2, nothing that already exists overwritten; a bug with exit code 1 and the path
 of a log holding its traceback; a run stopped by a signal with exit code 75 after saving a checkpoint.
 """
@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 
 RecipeArg = Annotated[Optional[Path], typer.Argument(
-    metavar="RECIPE", help="Recipe TOML file; omitted: the embedded default (recipes/tiny_cpu.toml, a tiny LLaMA on CPython's docs).",
+    metavar="RECIPE", help="Recipe TOML file; omitted: the embedded default (recipes/tiny_cpu.toml, a tiny LLaMA on "
+    "CPython's docs).",
     show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override one recipe value, e.g. --set lora.rank=16 (repeatable; TOML syntax for the value).",

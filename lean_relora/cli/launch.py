@@ -29,6 +29,15 @@ def free_gpu_bytes(device: torch.device, trains_here: bool) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
+def shutdown_timeout() -> list[str]:
+    """torchrun's option for how long the ranks may take to save after a signal, where this torch has it: the torchrun
+    of torch 2.11 (our GPU machine's) refuses it, and kills the ranks on its own schedule after forwarding a signal."""
+    from torch.distributed.run import get_args_parser
+
+    known = get_args_parser()._option_string_actions
+    return ["--shutdown-timeout", str(SHUTDOWN_SECONDS)] if "--shutdown-timeout" in known else []
+
+
 def launch(nproc: int, recipe: Path | None, overrides: list[str], run_dir: Path, max_steps: int | None,
            resume: str | None, force: bool) -> int:
     """Run `torchrun --standalone --nproc-per-node N -m lean_relora train ...` in this process (torch's launcher,
@@ -39,7 +48,7 @@ def launch(nproc: int, recipe: Path | None, overrides: list[str], run_dir: Path,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    command = ["--standalone", "--nproc-per-node", str(nproc), "--shutdown-timeout", str(SHUTDOWN_SECONDS),
+    command = ["--standalone", "--nproc-per-node", str(nproc), *shutdown_timeout(),
                "-m", "lean_relora", "train", *([str(recipe)] if recipe else []),
                *(word for item in overrides for word in ("--set", item)), "--run-dir", str(run_dir)]
     command += ["--max-steps", str(max_steps)] if max_steps is not None else []

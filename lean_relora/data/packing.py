@@ -1,5 +1,5 @@
 """Data: fixed-length token blocks of the train and held-out documents (corpus.py), encoded with the run's tokenizer
-(tokenizer.py), or read from prepared token files (tokens.py, data.source = "prepared:DIR").
+(tokenizer.py), or read from prepared token files (token_files.py, data.source = "prepared:DIR").
 
 Tokenizing and caching are left to Hugging Face `datasets`; this module packs token streams into blocks and fixes the
 order in which blocks are served. That order is a pure function of (shuffle_seed, micro-batch index), so resuming a
@@ -216,7 +216,7 @@ def _prepared_data(cfg: DataConfig, run_dir: Path, pretrained: str) -> tuple[Pac
     if not target.is_dir():
         partial = Path(run_dir) / f".{SAVED}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(prepared.directory / tokens.TOKENIZER, partial)
+        shutil.copytree(prepared.directory / SAVED, partial)  # a prepared directory keeps it under the same name
         partial.rename(target)
     tok = AutoTokenizer.from_pretrained(target)
     tokens.check_tokenizer(prepared, cfg, tok)

@@ -1,4 +1,4 @@
-"""`lean-relora prepare`: tokenize a recipe's documents once into the memory-mapped files of tokens.py.
+"""`lean-relora prepare`: tokenize a recipe's documents once into the memory-mapped files of token_files.py.
 
 Everything is written into `.DIR.partial` beside DIR, fsynced, the manifest last, and only then renamed to DIR, so a
 directory with a manifest is always complete. After every batch of documents the partial directory's progress.json

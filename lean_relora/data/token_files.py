@@ -105,9 +105,8 @@ def open_prepared(cfg: DataConfig) -> Prepared:
         for path, (count, kind) in files.items():
             size = path.stat().st_size if path.is_file() else -1
             if size != count * kind.itemsize:
-                raise DataError(f"data.source = '{cfg.source}': {path} is "
-                                f"{'missing' if size < 0 else f'{size} bytes, the manifest says {count * kind.itemsize}'}"
-                                "; prepare it again")
+                found = "missing" if size < 0 else f"{size} bytes, the manifest says {count * kind.itemsize}"
+                raise DataError(f"data.source = '{cfg.source}': {path} is {found}; prepare it again")
         tokens, offsets = (np.memmap(p, dtype=k, mode="r", shape=(c,)) if c else np.zeros(0, k)
                            for p, (c, k) in files.items())
         splits[split] = TokenSplit(tokens, offsets)

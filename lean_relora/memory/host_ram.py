@@ -4,7 +4,7 @@ What lives in host RAM beside the GPU (names as in the table memory-estimate pri
     process      the interpreter with torch, transformers, datasets and bitsandbytes loaded, the data pipeline and
                  what the first steps bring in (measured: 0.52 GiB beyond the tensors)
     masters      the fp32 masters in RAM (relora.master = "ram"): 4 bytes per base weight; on disk: none
-    setup        a pretrained local safetensors model streamed into ReLoRA form (load.py): one dense layer and its
+    setup        a pretrained local safetensors model streamed into ReLoRA form (streamed.py): one dense layer and its
                  fp32 copy at a time; otherwise (random init, a warm start, a hub model) the whole dense model
     merge        a disk master maps one layer's file and writes the next generation from a copy: 2 x 4 bytes per
                  weight of the largest layer
@@ -42,7 +42,7 @@ class HostRam:
     setup: int  # beyond process and masters, at the worst moment of loading
     training: int  # beyond process and masters, during a step
     merge: int  # beyond process and masters, during a restart
-    masters_total: int = -1  # masters of all ranks together (distributed.py: each on one rank); -1: `masters`
+    masters_total: int = -1  # masters of all ranks together (training/distributed.py: each on one rank); -1: `masters`
 
     def __post_init__(self):
         if self.masters_total < 0:
@@ -100,8 +100,8 @@ RESIDENT = ("frozen base (stored)", "frozen full-rank weights", "trainable weigh
 
 
 def host_estimate(recipe: Recipe, vocab: int, nproc: int = 1) -> HostRam:
-    """Host RAM by phase (host.py) of one of `nproc` ranks, from the analytic model alone: quick enough for train's
-    pre-start check. A rank keeps the masters distributed.py assigns it: the largest share counts."""
+    """Host RAM by phase (host_ram.py) of one of `nproc` ranks, from the analytic model alone: quick enough for train's
+    pre-start check. A rank keeps the masters training/distributed.py assigns it: the largest share counts."""
     shapes, m = target_shapes(recipe, vocab), recipe.model
     others = (2 * m.num_layers + 1 + vocab * (1 if m.tie_embeddings else 2)) * m.hidden_size
     relora = analytic(recipe, vocab)
@@ -124,7 +124,7 @@ def host_estimate(recipe: Recipe, vocab: int, nproc: int = 1) -> HostRam:
 def offloaded_bytes(recipe: Recipe) -> int:
     """Host bytes train.offload_activations holds at the start of backward: every block's input and the final
     hidden states the loss keeps, in the model's dtype, and what the final RMSNorm saves (two fp32 tensors and one
-    in the model's dtype; tests/test_offload.py counts them)."""
+    in the model's dtype; tests/model/test_offload.py counts them)."""
     m = recipe.model
     w = 2 if m.dtype == "bf16" else 4
     tokens = recipe.train.micro_batch_size * recipe.data.seq_len

@@ -3,7 +3,7 @@ builds, without allocating them.
 
 Under FakeTensorMode every tensor has a shape, dtype and device but no data, so a 1.3B or 7B step runs on a CPU in
 seconds. `LiveBytes` counts each op output's storage once and drops it when Python frees it, which is what the caching
-allocator sees as live memory; memory.py adds what lives outside torch's tensors.
+allocator sees as live memory; estimate.py adds what lives outside torch's tensors.
 """
 
 from __future__ import annotations

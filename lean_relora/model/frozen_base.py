@@ -185,7 +185,8 @@ class FrozenBase(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        master = "" if self.master is None else ", fp32 master " + ("in host RAM" if self.master.in_memory else "on disk")
+        where = "" if self.master is None else "in host RAM" if self.master.in_memory else "on disk"
+        master = f", fp32 master {where}" if where else ""
         return f"{self.in_features} -> {self.out_features}, quant={self.quant}{master}"
 
 

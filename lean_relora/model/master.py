@@ -25,7 +25,8 @@ import torch
 
 from lean_relora.durable import file_sha256, write_synced
 
-LIVE_MASTERS = "master"  # RUN_DIR/master: the disk masters the run trains with (a checkpoint links its own: CHECKPOINT_MASTERS)
+# RUN_DIR/master: the disk masters the run trains with (a checkpoint links its own: checkpoint.CHECKPOINT_MASTERS)
+LIVE_MASTERS = "master"
 GENERATION = re.compile(r"gen-(\d{6,})")
 
 

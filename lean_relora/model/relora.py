@@ -129,8 +129,9 @@ def target_summary(model: nn.Module, targets: list[str]) -> tuple[str, str | Non
             "weight matrices")
     warning = None
     if 1 - share > FROZEN_WARNING:
-        warning = (f"lora.targets = {targets} leaves {1 - share:.0%} of the decoder blocks' weight matrices frozen (they "
-                   f"never train; more than {FROZEN_WARNING:.0%}); set lora.targets = [] for every block projection")
+        warning = (f"lora.targets = {targets} leaves {1 - share:.0%} of the decoder blocks' weight matrices frozen "
+                   f"(they never train; more than {FROZEN_WARNING:.0%}); set lora.targets = [] for every block "
+                   "projection")
     return line, warning
 
 
@@ -141,7 +142,7 @@ def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torc
     """Replace every target nn.Linear or Conv1D by a ReLoRALinear on `device`, one layer at a time so that only one
     dense weight is ever on the device beside the quantized ones. With `keep_master` each base keeps an fp32 master,
     in host RAM or, given `master_store`, on disk. `materialize(name, layer)` fills a target's weights just before it
-    is quantized (load.py: a pretrained model read one layer at a time). `owned`: the layers whose master this
+    is quantized (streamed.py: a pretrained model read one layer at a time). `owned`: the layers whose master this
     process keeps (distributed.py: each master on one rank); None: all. Returns the names of the wrapped modules."""
     names = [n for n, _ in target_modules(model, cfg.targets)]
     for name in names:

@@ -190,7 +190,7 @@ class ReloraConfig:
     """each cycle's A: `random` (Kaiming-uniform) or `gradient`: the top-r right singular vectors of the layer's weight
     gradient, estimated without the dense gradient by a randomized range finder over `init_batches` micro-batches, at
     every restart and when ReLoRA follows a warm start; rows scaled to Kaiming's expected norm, B stays zero
-    (`lean_relora/gradinit.py`; results in docs/benchmarks.md)
+    (`lean_relora/model/gradinit.py`; results in docs/benchmarks.md)
     """
     init_batches: int = 4
     """micro-batches (of the data order: the steps after it see the data they would have seen after them) each gradient
@@ -207,7 +207,8 @@ class ReloraConfig:
         if self.restart_warmup_steps < 0 or self.warm_start_steps < 0:
             raise _rule(self, "restart_warmup_steps", "must be >= 0")
         if self.restart_warmup_steps >= self.restart_every:
-            raise _rule(self, "restart_every", f"must be longer than relora.restart_warmup_steps ({self.restart_warmup_steps})")
+            raise _rule(self, "restart_every",
+                        f"must be longer than relora.restart_warmup_steps ({self.restart_warmup_steps})")
         if not 0.0 <= self.reset_ratio < 1.0:
             raise _rule(self, "reset_ratio", "must be in [0, 1)")
 
@@ -371,7 +372,8 @@ class Recipe:
                               "model.gradient_checkpointing = true", "train.offload_activations")
         if self.relora.warm_start_steps > self.train.max_steps:
             raise RecipeError(
-                f"relora.warm_start_steps = {self.relora.warm_start_steps}: must be <= train.max_steps ({self.train.max_steps}); "
+                f"relora.warm_start_steps = {self.relora.warm_start_steps}: must be <= train.max_steps "
+                f"({self.train.max_steps}); "
                 "equal trains full-rank throughout", "relora.warm_start_steps")
 
     @property

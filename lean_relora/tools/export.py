@@ -1,8 +1,9 @@
-"""Using a trained run: export it as a plain Hugging Face model, evaluate it (trained.py rebuilds its model).
+"""Using a trained run: export it as a plain Hugging Face model, evaluate it (rebuild.py rebuilds its model).
 
-The export folds every ReLoRA layer into the dense layer it replaced (nn.Linear, or transformers' Conv1D), W + s B A, where W is the fp32 master copy when the run
-kept one (relora.fidelity = master) and the dequantized base otherwise: the 4-bit codes are only a lossy view of the
-master, so exporting from them would throw away precision the run paid for. It is written shard by shard (shards.py)
+The export folds every ReLoRA layer into the dense layer it replaced (nn.Linear, or transformers' Conv1D), W + s B A,
+where W is the fp32 master copy when the run kept one (relora.fidelity = master) and the dequantized base otherwise:
+the 4-bit codes are only a lossy view of the master, so exporting from them would throw away precision the run paid
+for. It is written shard by shard (hf_shards.py)
 one merged layer at a time, so host RAM holds the model as it trained, one merged layer and one shard, never the
 dense model (a 7B one: 13.5 GB in bf16, 28 GB in fp32).
 """

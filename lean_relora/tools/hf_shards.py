@@ -2,7 +2,8 @@
 
     model.safetensors                          when everything fits in one shard
     model-00001-of-00003.safetensors ...       otherwise, with
-    model.safetensors.index.json               {"metadata": {"total_size", "total_parameters"}, "weight_map": name -> file}
+    model.safetensors.index.json               {"metadata": {"total_size", "total_parameters"},
+                                                "weight_map": name -> file}
 
 as `PreTrainedModel.save_pretrained` writes it (transformers reads the "format" metadata of each file).
 """

@@ -1,6 +1,6 @@
 """A trained model rebuilt from a checkpoint without ever being dense in host RAM: what export, eval and report use.
 
-The model is built with its parameters on the meta device (load.py). Each ReLoRA target gets its stored form at once:
+The model is built with its parameters on meta (model/streamed.py). Each ReLoRA target gets its stored form at once:
 a placeholder layer of zeros is quantized (one dense layer at a time, released before the next), and the checkpoint's
 codes, quantization statistics and LoRA factors are then copied over it tensor by tensor; every other parameter goes
 from meta straight to the tensor read. A disk master (relora.master = "disk") stays where it is, the checkpoint's
@@ -48,7 +48,8 @@ class CheckpointMasters:
         self.files = files
 
     def create(self, name: str, weight: torch.Tensor) -> MappedMaster | RamMaster:
-        if f"{checkpoint.CHECKPOINT_MASTERS}/{name}.base.f32" in self.files:  # saved under the FrozenBase's name, layer.base
+        # saved under the FrozenBase's name, layer.base
+        if f"{checkpoint.CHECKPOINT_MASTERS}/{name}.base.f32" in self.files:
             return MappedMaster(weight.shape)
         return RamMaster(weight)
 

@@ -1,6 +1,6 @@
 """`lean-relora report`: pictures of one or more runs, and the spectrum of the update a run accumulated.
 
-The curves come from RUN_DIR/metrics.jsonl (see progress.py for its records), the learning rate from the run's
+The curves come from RUN_DIR/metrics.jsonl (see training/progress.py for its records), the learning rate from the run's
 schedule; spectrum.py measures and draws the update of one weight matrix with the helpers here.
 
 matplotlib is an optional extra (`pip install 'lean-relora[report]'`): it is imported inside the functions that draw,
@@ -70,7 +70,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def _kind(record) -> str | None:
-    """Which record this is, told by its keys (see progress.py); None for anything else."""
+    """Which record this is, told by its keys (see training/progress.py); None for anything else."""
     for kind, key in (("restart", "restart"), ("eval", "eval_loss"), ("train", "loss")):
         if isinstance(record, dict) and key in record:
             return kind

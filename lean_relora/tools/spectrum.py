@@ -1,7 +1,7 @@
 """`lean-relora report --spectrum`: the singular values of the update one weight matrix accumulated.
 
 ReLoRA's claim is that a sum of rank-r cycles is not rank r; the singular values of the update of the ReLoRA phase
-(merges.py records every merged cycle) show directly whether a run got there.
+(training/merge_log.py records every merged cycle) show directly whether a run got there.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class Spectrum:
     label: str
     layer: str
     rank: int | None  # the LoRA rank of the layer; None where the newest checkpoint is still dense
-    start: str  # where the update is measured from: "ReLoRA, step N" (its start), a checkpoint name or "initial weights"
+    start: str  # where the update is measured from: "ReLoRA, step N", a checkpoint name or "initial weights"
     end: str  # the checkpoint W_end comes from
     singular_values: np.ndarray  # of W_end - W_start, descending
 
@@ -34,7 +34,7 @@ def spectrum_of(run_dir: str | Path, layer: str | None = None, label: str | None
     """The singular values of the update of one weight matrix (default: the first ReLoRA down_proj) up to the newest
     intact checkpoint.
 
-    A ReLoRA layer of a run that recorded its merges (merges.py): the update of the ReLoRA phase alone, the sum of
+    A ReLoRA layer of a run that recorded its merges (merge_log.py): the update of the ReLoRA phase alone, the sum of
     s B A over every merged cycle plus the cycle in the checkpoint, exact whatever checkpoints were pruned. Else
     (another layer, or an older run): W_end - W_start, W_end merged as W + s B A (W the fp32 master where the run kept
     one), W_start the oldest intact dense checkpoint before it (the end of a full-rank warm start), else the initial

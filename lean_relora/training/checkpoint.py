@@ -11,7 +11,7 @@ Layout, defined here once (RUN_DIR/checkpoints/):
                            the number of ranks that trained
       config.json          the Hugging Face model config (export and eval rebuild the model from it)
       masters/<layer>.f32  with relora.master = "disk": each layer's fp32 master as of this step, a hard link to the
-                           run's immutable file of that merge generation (master.py), so no 28 GB copy per save;
+                           run's immutable file of that merge generation (model/master.py), so no 28 GB copy per save;
                            with several ranks (distributed.py) RAM masters too, each written by its owner
       recipe.toml          the recipe that made it (load_recipe reads it back; meta.json holds its digest)
       meta.json            written last: format, step, digest, library versions, bytes and sha256 of every other file
@@ -55,7 +55,8 @@ CHECKPOINTS, LATEST = "checkpoints", "latest"
 MODEL, BASE, TENSORS, STATE = "model.safetensors", "base.safetensors", "state.safetensors", "state.json"
 CONFIG, RECIPE, META = "config.json", "recipe.toml", "meta.json"
 OPTIMIZER_KEY, RNG_KEY = "optimizer.", "rng."  # key prefixes in state.safetensors
-CHECKPOINT_MASTERS = "masters"  # in a checkpoint: the masters of the checkpoint's merge generation, hard-linked: masters/<layer>.f32
+# In a checkpoint: the disk masters of the checkpoint's merge generation, hard-linked as masters/<layer>.f32
+CHECKPOINT_MASTERS = "masters"
 NAME = re.compile(r"step-(\d{8,})")
 LIBRARIES = ("lean-relora", "torch", "bitsandbytes", "transformers", "safetensors", "datasets", "numpy")
 
@@ -108,7 +109,8 @@ def save(run: Run, run_dir: Path, keep_last: int) -> Path:
                     "recipe_digest": run.recipe.digest(), "versions": _versions(), "files": files}
             write_text(tmp / META, json.dumps(meta, indent=1))
             sync_dir(tmp)
-            if ranks.several and (tmp / CHECKPOINT_MASTERS).is_dir():  # the other ranks' master files (none in a warm start)
+            # the other ranks' master files (none in a warm start)
+            if ranks.several and (tmp / CHECKPOINT_MASTERS).is_dir():
                 sync_dir(tmp / CHECKPOINT_MASTERS)
             if final.exists():  # a checkpoint of an abandoned continuation: set aside, never overwritten
                 final.rename(root / f"{name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -145,7 +147,8 @@ def _writers(run: Run):
         opt_tensors, opt_params = optimizer_state(run.optimizer)
         rng_tensors, rng_json = _rng_state(run)
         state = {"train_state": dataclasses.asdict(run.state), "relora": bool(modules),
-                 "masters": any(m.master is not None for _, m in modules) or (ranks.several and run.recipe.keeps_master),
+                 "masters": any(m.master is not None for _, m in modules)
+                 or (ranks.several and run.recipe.keeps_master),
                  "optimizer": opt_params, "rng": rng_json, "ranks": ranks.size}
         bases = {f"{n}.{k}": v for n, m in modules for k, v in m.extra_state(with_master=not ranks.several).items()}
         yield MODEL, lambda path: save_file(_plain(run.model.state_dict()), path)

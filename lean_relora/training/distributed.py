@@ -101,7 +101,7 @@ class Ranks:
 
     def wrap(self, model: nn.Module, loss: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> nn.Module | None:
         """`loss(model, ids)` as the forward of a module under DistributedDataParallel, over the parameters that
-        train now; None for one process. The whole loss is DDP's forward because the chunked loss (loss.py) runs
+        train now; None for one process. The whole loss is DDP's forward because the chunked loss (model/loss.py) runs
         the model's trunk and its output layer separately. Built again whenever the set of trainable parameters
         changes (ReLoRA begins after a warm start)."""
         if not self.several:

@@ -153,8 +153,9 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     run.ddp = wrap_for_ranks(run)
 
 
-def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None, resume: str | Path | checkpoint.Checkpoint | None = None,
-          force: bool = False, stop_at: int | None = None) -> RunSummary:
+def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None,
+          resume: str | Path | checkpoint.Checkpoint | None = None, force: bool = False,
+          stop_at: int | None = None) -> RunSummary:
     """Run the recipe to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint: the schedule still
     ends at train.max_steps, so a run stopped there and resumed is the uninterrupted run); metrics go to
     run_dir/metrics.jsonl. Returns the summary.

@@ -91,7 +91,8 @@ class Reporter:
 
     def start(self, step: int, restarts: int, schedule=None) -> None:
         """The loop begins at `step`; `schedule` (a JaggedCosine) tells when the restarts come."""
-        self.started, self.step_now, self.restarts, self.schedule = (time.perf_counter(), step), step, restarts, schedule
+        self.started, self.step_now = (time.perf_counter(), step), step
+        self.restarts, self.schedule = restarts, schedule
         # A restart due at the last step never happens: the run ends first.
         self.restarts_total = sum(1 for s in range(1, self.total) if schedule.is_restart(s)) if schedule else 0
 
@@ -124,7 +125,8 @@ class Reporter:
         self._refresh()
         init = (f", A from the gradient in {record['init_seconds']:.2f} s over {record['init_tokens']:,} tokens"
                 if "init_seconds" in record else "")
-        self.line(f"step {record['step']}: restart {record['restart']} (merged in {record['merge_seconds']:.2f} s{init}, "
+        self.line(f"step {record['step']}: restart {record['restart']} "
+                  f"(merged in {record['merge_seconds']:.2f} s{init}, "
                   f"cumulative retention {record['retention']:.3f})")
 
     def line(self, text: str) -> None:

@@ -50,7 +50,7 @@ class TrainState:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every evaluation
     skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (counted in `step`, no update made)
     bad_steps: int = 0  # of those, how many in a row up to now
-    data: dict = field(default_factory=dict)  # a stream's position after the last micro-batch consumed ({}: the index says all)
+    data: dict = field(default_factory=dict)  # a stream's position after the last micro-batch ({}: the index says all)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """One training step and one evaluation of a built run (train.setup): micro-batches, gradient accumulation, the
 loss as training computes it (chunked, activations offloaded), the optimizer step with its NaN/inf skip.
 
-train.py owns the order of events; this module is what each step does, so that measure.py and the benchmarks run
+loop.py owns the order of events; this module is what each step does, so that memory/measure.py and the benchmarks run
 the very same step.
 """
 
