@@ -260,3 +260,16 @@ MALFORMED = [
      "relora.warm_start_steps = 11: must be <= train.max_steps (10); equal trains full-rank throughout"),
     ("[model]\nhidden_size = 100\nnum_heads = 3\n", "model.hidden_size = 100: must be divisible by model.num_heads"),
 ]
+
+
+def cuda_recipe(steps: int = 12) -> Recipe:
+    return Recipe(
+        model=small_model(dtype="bf16"),
+        data=DataConfig(source="pydoc", bpe_vocab_size=512, seq_len=64, eval_fraction=0.1),
+        lora=LoraConfig(rank=8, quant="nf4"),
+        relora=ReloraConfig(restart_every=4, restart_warmup_steps=1, warm_start_steps=2),
+        optim=OptimConfig(warmup_steps=2),
+        train=TrainConfig(max_steps=steps, micro_batch_size=4, device="cuda"),
+        eval=EvalConfig(every=0, batches=2),
+        log=LogConfig(every=1),
+    )

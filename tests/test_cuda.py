@@ -13,7 +13,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import small_model
+from helpers import cuda_recipe
 from torch import nn
 
 from lean_relora.memory.estimate import cublas_workspace_bytes
@@ -21,15 +21,8 @@ from lean_relora.memory.measure import measure, paged_bytes, relora_run
 from lean_relora.memory.trace import trace
 from lean_relora.model.frozen_base import FrozenBase
 from lean_relora.recipe import (
-    DataConfig,
-    EvalConfig,
-    LogConfig,
-    LoraConfig,
     ModelConfig,
-    OptimConfig,
     Recipe,
-    ReloraConfig,
-    TrainConfig,
 )
 from lean_relora.training.loop import train
 from lean_relora.training.optim import load_optimizer_state, moments, optimizer_state, paged_bytes_held, reset_state
@@ -119,17 +112,6 @@ def test_int8_base_computes_the_same_function_in_train_and_eval_on_cuda():
     assert torch.equal(base(x), in_training)
 
 
-def cuda_recipe(steps: int = 12) -> Recipe:
-    return Recipe(
-        model=small_model(dtype="bf16"),
-        data=DataConfig(source="pydoc", bpe_vocab_size=512, seq_len=64, eval_fraction=0.1),
-        lora=LoraConfig(rank=8, quant="nf4"),
-        relora=ReloraConfig(restart_every=4, restart_warmup_steps=1, warm_start_steps=2),
-        optim=OptimConfig(warmup_steps=2),
-        train=TrainConfig(max_steps=steps, micro_batch_size=4, device="cuda"),
-        eval=EvalConfig(every=0, batches=2),
-        log=LogConfig(every=1),
-    )
 
 
 def test_stopped_and_resumed_run_on_cuda_repeats_the_uninterrupted_losses(tmp_path):
@@ -187,7 +169,7 @@ def test_the_warm_starts_optimizer_state_is_gone_once_relora_begins(tmp_path):
 
 def test_the_launcher_of_several_ranks_opens_no_cuda_context(tmp_path):
     script = ("import sys, torch; from lean_relora.cli.app import _refuse_if_it_does_not_fit; "
-              "from test_cuda import cuda_recipe; _refuse_if_it_does_not_fit(cuda_recipe(), None, nproc=2); "
+              "from helpers import cuda_recipe; _refuse_if_it_does_not_fit(cuda_recipe(), None, nproc=2); "
               "print(torch.cuda.is_initialized())")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=Path(__file__).parent, env=os.environ | {"PYTHONPATH": str(Path(__file__).parent)})

@@ -85,6 +85,10 @@ def train(
     nproc: Annotated[int, typer.Option(
         "--nproc", help="Processes to train in, one per GPU (or CPU process): starts torchrun --standalone "
         "--nproc-per-node N; one step then sees N x micro_batch_size x grad_accum_steps sequences.")] = 1,
+    gpu_gb: Annotated[Optional[float], typer.Option(
+        "--gpu-gb", help="Train with the settings memory-estimate --gpu-gb N --plan picks for a GPU with N GiB free "
+        "(a 24 GB card beside a desktop: 22); they go into the checkpoints' recipe.toml, so --resume keeps them.",
+        show_default=False)] = None,
 ):
     """Train a model with ReLoRA as the recipe says, showing progress and writing RUN_DIR/metrics.jsonl.
 
@@ -94,6 +98,7 @@ def train(
     console = _setup_logging()
     with Outcome(console) as outcome:
         from lean_relora.cli.launch import launch
+        from lean_relora.memory.estimate import phase_estimates
         from lean_relora.recipe import load_recipe
         from lean_relora.training import distributed
         from lean_relora.training.checkpoint import RECIPE, resolve
@@ -109,6 +114,9 @@ def train(
         ranks = distributed.join()
         if not ranks.is_main:  # one copy of every line: rank 0's (errors excepted)
             logging.getLogger().setLevel(logging.ERROR)
+        if resume is not None and gpu_gb is not None:
+            raise UserError("--gpu-gb: plans a new run; a resumed run keeps the settings of its checkpoint's "
+                            "recipe.toml (omit --gpu-gb)")
         if resume is not None:
             # Found and verified once: train() takes the value. A launcher checks sizes only; each rank checksums.
             found = resolve(resume, run_dir, checksums=nproc == 1)
@@ -116,6 +124,9 @@ def train(
             loaded = load_recipe(recipe or found.path / RECIPE, overrides)
         else:
             loaded = load_recipe(recipe, overrides)
+            if gpu_gb is not None:  # the plan's --set lines join the others: ranks torchrun starts get them too
+                overrides += _planned(loaded, gpu_gb, max(nproc, ranks.size))
+                loaded = load_recipe(recipe, overrides)
             run_dir = ranks.broadcast(run_dir or new_run_dir(recipe))  # one directory for the job, named by rank 0
             if (run_dir / METRICS).exists():
                 raise UserError(f"--run-dir {run_dir}: already holds a run (metrics.jsonl); choose a new directory "
@@ -132,11 +143,28 @@ def train(
         outcome.log_dir, outcome.on_bad_input = run_dir, directory.discard
         try:
             summary = run_training(loaded, run_dir, resume=found if resume is not None else None, force=force,
-                                   stop_at=max_steps)
+                                   stop_at=max_steps, estimate_peaks=phase_estimates)
         finally:
             distributed.leave()
     if summary.stopped_by:
         raise typer.Exit(STOPPED)
+
+
+def _planned(recipe, gpu_gb: float, nproc: int) -> list[str]:
+    """train --gpu-gb: the plan's settings as --set values; nothing fits: bad input, one line."""
+    from lean_relora.memory.planner import nothing_fits, plan
+
+    if gpu_gb <= 0:
+        raise UserError(f"--gpu-gb {gpu_gb:g}: must be > 0")
+    result = plan(recipe, gpu_gb, nproc)
+    if result.chosen is None:
+        raise UserError(nothing_fits(result))
+    sets = [o for o in result.chosen.settings.overrides()
+            if result.head_searched or not o.startswith("lora.train_lm_head")]
+    logging.getLogger(__name__).info("--gpu-gb %g: the plan, %s (GPU need %.1f GiB): %s", gpu_gb,
+                                     result.chosen.settings.describe(), result.chosen.need / 2**30,
+                                     " ".join(f"--set {o}" for o in sets))
+    return sets
 
 
 def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None, nproc: int = 1) -> None:
@@ -176,10 +204,16 @@ def _refuse_if_it_does_not_fit(recipe, checkpoint: Optional[Path] = None, nproc:
 def memory_estimate(
     recipe: RecipeArg = None,
     set_: SetOpt = None,
-    gpu_gb: Annotated[float, typer.Option("--gpu-gb", help="GPU memory to check the recipe against, in GiB.")] = 24.0,
+    gpu_gb: Annotated[Optional[float], typer.Option(
+        "--gpu-gb", help="GPU memory to check the recipe against, in GiB \\[default: 24]; with --plan, the GiB free "
+        "on the card (a 24 GB card beside a desktop: 22).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON instead of tables.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Ranks (train --nproc, one per GPU): GPU figures per GPU, "
                                        "host RAM per rank and per host.")] = 1,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Search micro-batch, checkpointing, offloading, loss chunk (and for continued pretraining "
+        "whether lm_head trains) for the fastest settings that fit --gpu-gb, the tokens per step kept; print them "
+        "as --set lines for train. Exit 2 when nothing fits.")] = False,
 ):
     """Predict the peak GPU memory of a recipe (analytic and traced on fake tensors) and whether it fits."""
     console = _setup_logging()
@@ -187,11 +221,18 @@ def memory_estimate(
         from lean_relora.memory.estimate import estimate, render
         from lean_relora.recipe import load_recipe
 
+        if plan and gpu_gb is None:
+            raise UserError("--plan: give the GPU memory to plan for, e.g. --gpu-gb 22 (a 24 GB card beside a "
+                            "desktop) or --gpu-gb 23.5 (the same card headless)")
+        gpu_gb = 24.0 if gpu_gb is None else gpu_gb
         if gpu_gb <= 0:
             raise UserError(f"--gpu-gb {gpu_gb:g}: must be > 0")
         if nproc < 1:
             raise UserError(f"--nproc {nproc}: must be >= 1")
         loaded = load_recipe(recipe, list(set_ or []))
+        if plan:
+            _print_plan(loaded, recipe, gpu_gb, nproc, as_json)
+            return
         result = estimate(loaded, gpu_gb, nproc=nproc)
     if as_json:
         import dataclasses
@@ -203,6 +244,25 @@ def memory_estimate(
     out = Console()
     for renderable in render(result, loaded):
         out.print(renderable)
+
+
+def _print_plan(loaded, path: Optional[Path], gpu_gb: float, nproc: int, as_json: bool) -> None:
+    """memory-estimate --plan: the plan's table and --set lines on stdout; nothing fits: one line, exit 2."""
+    from lean_relora.memory.planner import nothing_fits, plan_dict, render_plan
+    from lean_relora.memory.planner import plan as make_plan
+
+    result = make_plan(loaded, gpu_gb, nproc)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(plan_dict(result), indent=1))
+    elif result.chosen is not None:
+        table, lines = render_plan(result, str(path) if path else None)
+        Console().print(table)
+        for line in lines:
+            typer.echo(line)
+    if result.chosen is None:
+        raise UserError(nothing_fits(result))
 
 
 @app.command()

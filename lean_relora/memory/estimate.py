@@ -13,6 +13,7 @@ under pressure, slowly).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -22,10 +23,13 @@ import torch
 from lean_relora.memory.analytic import GIB, analytic, recipe_vocab_size, with_model_sizes
 from lean_relora.memory.host_ram import HostRam, host_estimate, on_one_host
 from lean_relora.memory.trace import Trace, trace
-from lean_relora.recipe import Recipe
+from lean_relora.recipe import Recipe, RecipeError
+from lean_relora.training.peak import RELORA as RELORA_PHASE
+from lean_relora.training.peak import WARM as WARM_PHASE
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context and loaded kernels, typical for one process (outside torch's counters)
 CUBLAS_HANDLES = 2  # threads that run matmuls: the training loop's and autograd's backward thread (one workspace each)
+log = logging.getLogger(__name__)
 ALLOCATOR_RESERVE = 0.10  # share of the peak the caching allocator holds beyond live tensors (fragmentation)
 
 
@@ -196,3 +200,22 @@ def refusal(recipe: Recipe, free_bytes: float, nproc: int = 1) -> str | None:
     return (f"the recipe needs about {result.need / GIB:.1f} GiB of GPU memory, {free_bytes / GIB:.1f} GiB are free "
             f"(lean-relora memory-estimate shows the breakdown); {advice(result)}, "
             "or pass --force to start anyway")
+
+
+def phase_estimates(recipe: Recipe, vocab: int, device: torch.device, nproc: int = 1) -> dict[str, float]:
+    """What training/peak.py measures, predicted for each phase of a run whose model has `vocab` embedding rows, bytes:
+    GPU (PhaseEstimate.allocated) on CUDA, host-RAM peak elsewhere; empty when it cannot be made (logged, never
+    fatal: the measurement is still worth recording). On CUDA this traces each phase on the CPU once (seconds; 15-30 s
+    for a 7B), beside a run of hours."""
+    try:
+        # the model's own vocabulary (the tokenizer's, when model.vocab_size = 0); a pretrained one keeps its config
+        sized = recipe if recipe.model.pretrained else replace(recipe, model=replace(recipe.model, vocab_size=vocab))
+        if device.type == "cuda":
+            phases = estimate(sized, baseline=False, nproc=nproc).phases
+            return {WARM_PHASE if p.name != "ReLoRA" else RELORA_PHASE: float(p.allocated) for p in phases}
+        host = host_estimate(with_model_sizes(sized), vocab, nproc)
+        peak = float(host.process + host.masters + max(host.training, host.merge))  # setup is before the records
+        return {WARM_PHASE: peak, RELORA_PHASE: peak}
+    except (RecipeError, OSError, ValueError) as e:  # e.g. a pretrained config no longer reachable
+        log.info("memory estimate skipped (%s): the measured peak is recorded without it", e)
+        return {}

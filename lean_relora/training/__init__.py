@@ -9,6 +9,7 @@
     distributed   ranks: process group, DDP, which rank keeps which master, broadcasts
     checkpoint    atomic, verified checkpoints of the whole state, and finding the one to resume
     merge_log     the factors every restart merged (read by report --spectrum)
+    peak          every run's measured peak memory beside the estimate, in metrics.jsonl and the summary
     progress      the status line and metrics.jsonl
     sinks         copies of the metrics to TensorBoard and W&B
 """

@@ -36,6 +36,7 @@ from lean_relora.training import checkpoint
 from lean_relora.training import merge_log as merges
 from lean_relora.training.distributed import SOLO, Ranks, join, resume_refusal
 from lean_relora.training.optim import build_optimizer, set_lr
+from lean_relora.training.peak import PeakEstimates, PeakMemory
 from lean_relora.training.progress import METRICS, Reporter, RunSummary, command, drop_records_after
 from lean_relora.training.restart import gradient_init, restart
 from lean_relora.training.run import Run, TrainState
@@ -155,20 +156,23 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
 
 def train(recipe: Recipe, run_dir: Path, reporter: Reporter | None = None,
           resume: str | Path | checkpoint.Checkpoint | None = None, force: bool = False,
-          stop_at: int | None = None) -> RunSummary:
+          stop_at: int | None = None, estimate_peaks: PeakEstimates | None = None) -> RunSummary:
     """Run the recipe to `train.max_steps` (or stop after step `stop_at`, saving a checkpoint: the schedule still
     ends at train.max_steps, so a run stopped there and resumed is the uninterrupted run); metrics go to
     run_dir/metrics.jsonl. Returns the summary.
 
     Checkpoints go to run_dir/checkpoints every `checkpoint.every` steps, at the end, and when SIGINT/SIGTERM stops
     the run (after the current step; the summary's stopped_by then names it). `resume`: "auto" (the newest intact
-    checkpoint of run_dir), a checkpoint or a run directory; `force` accepts recipe changes that alter the run."""
+    checkpoint of run_dir), a checkpoint or a run directory; `force` accepts recipe changes that alter the run.
+    `estimate_peaks(recipe, vocab, device, ranks)`: what each phase's measured peak is recorded beside
+    (memory/estimate.phase_estimates, which the command line passes); None: the peaks are recorded alone."""
     with StopRequest() as stop:
-        return _train(recipe, Path(run_dir), reporter, resume, force, stop, stop_at or recipe.train.max_steps)
+        return _train(recipe, Path(run_dir), reporter, resume, force, stop, stop_at or recipe.train.max_steps,
+                      estimate_peaks)
 
 
 def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, force: bool, stop: StopRequest,
-           end: int) -> RunSummary:
+           end: int, estimate_peaks: PeakEstimates | None) -> RunSummary:
     if end > recipe.train.max_steps:
         raise RecipeError(f"--max-steps {end}: beyond train.max_steps ({recipe.train.max_steps}), where the learning "
                           f"rate schedule ends; to train longer raise it: --set train.max_steps={end}")
@@ -192,6 +196,9 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                                     sinks=open_sinks(recipe.log, run_dir, recipe.to_dict()))
     reporter.line(f"run dir: {run_dir}")
     saved_step = _resume(run, found, lines, reporter) if found is not None else None
+    vocab = run.model.get_input_embeddings().num_embeddings
+    estimates = estimate_peaks(recipe, vocab, run.device, ranks.size) if estimate_peaks and ranks.is_main else {}
+    peaks = PeakMemory(recipe, run.device, estimates, reporter)
     saved_path = found.path if found is not None else None
     state, schedule = run.state, run.schedule
     if state.step >= end and end < recipe.train.max_steps:
@@ -214,6 +221,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             if ranks.is_main:  # what report --spectrum sums, whatever checkpoints remain
                 merges.record(run.model, run_dir, state.step)
             reporter.restart(restart(run))
+            peaks.restarted(state.step)
         lr = recipe.optim.lr * schedule(state.step)
         set_lr(run.optimizer, lr)
         loss = train_step(run)
@@ -242,6 +250,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
             break
         if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < end:
             _eval(run, reporter)
+        peaks.after_step(state.step, end)
         every = recipe.checkpoint.every
         if every and state.step % every == 0 and state.step < end:
             saved_path = checkpoint.save(run, run_dir, recipe.checkpoint.keep_last)
@@ -267,7 +276,7 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
         else None, seconds=time.perf_counter() - started, run_dir=run_dir, checkpoint=saved_path,
         next_command=resume_command if state.step < recipe.train.max_steps
         else command("lean-relora", "export", run_dir, run_dir / "hf"),
-        skipped_steps=state.skipped, stopped_by=stop.signal)
+        skipped_steps=state.skipped, stopped_by=stop.signal, peak_memory=tuple(peaks.summary()))
     reporter.close(summary)
     return summary
 

@@ -5,7 +5,9 @@ metrics.jsonl has one JSON object per line: a training record every `log.every` 
 an evaluation record at each evaluation
     {"step", "eval_loss", "eval_ppl", "tokens"}
 and a restart record at each restart (retention: share of all merged updates the quantized base still holds)
-    {"step", "restart", "merge_seconds", "retention"}.
+    {"step", "restart", "merge_seconds", "retention"},
+and memory records of the measured peak beside the estimate (peak.py)
+    {"step", "memory", "phase", "measured", "estimated", ...}.
 It is strict JSON: a NaN or infinite number (a skipped step's loss) is written as null. After a resume, the records
 the resumed run is about to write again are dropped first (drop_records_after), so each step has one record.
 
@@ -70,6 +72,7 @@ class RunSummary:
     next_command: str  # what to run next: resume, or export
     skipped_steps: int = 0  # steps skipped for a NaN/inf loss or gradient
     stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run (exit code 75)
+    peak_memory: tuple[str, ...] = ()  # per phase: the measured peak beside the estimate (peak.py)
 
 
 class Reporter:
@@ -128,6 +131,10 @@ class Reporter:
         self.line(f"step {record['step']}: restart {record['restart']} "
                   f"(merged in {record['merge_seconds']:.2f} s{init}, "
                   f"cumulative retention {record['retention']:.3f})")
+
+    def record(self, record: dict) -> None:
+        """Another kind of record for metrics.jsonl (peak.py's memory records)."""
+        self._write(record)
 
     def line(self, text: str) -> None:
         self.console.print(text, highlight=False, soft_wrap=True)  # unbroken: paths and commands stay copyable
@@ -218,6 +225,7 @@ class Reporter:
         if s.tokens_per_s is not None:
             rows.append(("tokens/s", f"{number(round(s.tokens_per_s))} (average)"))
         rows.append(("time", duration(s.seconds)))
+        rows += [("memory", line) for line in s.peak_memory]  # peak.py: measured beside estimated, per phase
         if s.skipped_steps:
             rows.append(("skipped steps", number(s.skipped_steps)))
         if s.stopped_by:
