@@ -235,6 +235,46 @@ def run_peer(name: str, base: list[str], run_dir: Path, console: Console) -> dic
             **bytes_of(model, params, optimizer, gradients), "sketches": 0}
 
 
+def throughput(base: list[str], modes: dict[str, list[str]], steps: int, run_dir: Path, console: Console) -> dict:
+    """Low-rank phase tokens/s of lean-relora's modes measured side by side in one process: their steps interleaved
+    (one of each in turn, so a shared machine's changing load falls on all alike), the median step time, plus one
+    restart each (merge, optimizer reset, gradient init where the mode has one) spread over its cycle."""
+    from lean_relora.training.restart import restart
+    from lean_relora.training.step import train_step
+    runs = {}
+    for name, overrides in modes.items():
+        recipe = load_recipe(None, base + overrides + ["relora.warm_start_steps=0"])
+        directory = run_dir / name.replace(" ", "-")
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        runs[name] = setup(recipe, directory)
+    times = {name: [] for name in runs}
+    for step in range(steps + 3):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            train_step(run)
+            if step >= 3:  # the first steps allocate the optimizer state
+                times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        record = restart(run)
+        restart_seconds = time.perf_counter() - start
+        recipe = run.recipe
+        step_tokens = recipe.train.micro_batch_size * recipe.data.seq_len * recipe.train.grad_accum_steps
+        median = sorted(times[name])[len(times[name]) // 2]
+        cycle = recipe.relora.restart_every
+        out[name] = {"step_seconds": median, "restart_seconds": restart_seconds,
+                     "tokens_per_s": (cycle * step_tokens + record.get("init_tokens", 0))
+                     / (cycle * median + restart_seconds),
+                     "trained_tokens_per_s": cycle * step_tokens / (cycle * median + restart_seconds)}
+        run.loader.close()
+        console.print(f"{name}: step {median * 1000:.0f} ms (median of {len(times[name])}), restart "
+                      f"{restart_seconds:.2f} s, {out[name]['tokens_per_s']:,.0f} tokens/s over a cycle of {cycle} "
+                      f"steps ({out[name]['trained_tokens_per_s']:,.0f} trained tokens/s)")
+    return out
+
+
 def missing_peers() -> dict[str, str]:
     """Peer name -> the package it needs, for those that cannot be imported."""
     need = {"GaLore": "galore_torch", "APOLLO": "apollo_torch", "PEFT": "peft"}
@@ -277,6 +317,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for all runs")
     parser.add_argument("--out", type=Path, default=Path("results/peers"))
     parser.add_argument("--table", action="store_true", help="print the table of the results under --out and stop")
+    parser.add_argument("--throughput", type=int, metavar="STEPS", help="only time lean-relora's lora and projected "
+                        "modes' low-rank steps, interleaved, STEPS each (plus one restart each)")
     args = parser.parse_args()
     console = Console(width=150)
     if args.table:
@@ -285,6 +327,14 @@ def main() -> None:
     corpus = CORPORA.get(args.corpus, args.corpus)
     base = [f"data.source={json.dumps(corpus)}", f"train.seed={args.seed}", f"train.max_steps={args.steps}",
             "train.device='cpu'", *COMMON, *args.overrides]
+    if args.throughput:
+        modes = {"lora": [], "projected": LEAN["lean-relora projected"]}
+        result = throughput(base, modes, args.throughput, args.out / "throughput", console)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"throughput-{args.corpus}-s{args.seed}.json").write_text(json.dumps(result, indent=1))
+        ratio = result["projected"]["tokens_per_s"] / result["lora"]["tokens_per_s"]
+        console.print(f"projected / lora tokens/s: {ratio:.3f}")
+        return
     missing = missing_peers()
     for prefix, why in missing.items():
         console.print(f"[yellow]{prefix}: missing, skipped: {why}[/]")
