@@ -166,3 +166,17 @@ def test_a_recipe_refuses_an_unknown_cycle():
     with pytest.raises(RecipeError, match="cycle = 'galore'"):
         ReloraConfig(cycle="galore")
     assert ReloraConfig(reset="keep").reset == "keep"
+
+
+def test_the_keep_reset_leaves_the_moments_as_they_are():
+    from lean_relora.training.optim import moments, reset_state
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    optimizer = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    optimizer.step()
+    before = [m.clone() for m in moments(optimizer, p)]
+    reset_state(optimizer, [p], "keep", 0.99)
+    for old, new in zip(before, moments(optimizer, p)):
+        assert torch.equal(old, new)
+    reset_state(optimizer, [p], "magnitude", 0.99)
+    assert (moments(optimizer, p)[1] == 0).float().mean() > 0.98
