@@ -97,10 +97,14 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
         lm_head_trains = lora.train_embeddings if m.tie_embeddings else lora.train_lm_head
         full_rank = head * lora.train_embeddings + head * lm_head_trains * (not m.tie_embeddings)
         full_rank += norms * lora.train_norms
-        trainable = [full_rank] + [r * (o + i) for o, i in shapes]
+        # relora.cycle = "projected": A (r x in) is frozen, so only B (out x r) has a gradient and moments.
+        projected = recipe.relora.cycle == "projected"
+        trainable = [full_rank] + [r * (o + (0 if projected else i)) for o, i in shapes]
+        frozen_factors = sum(r * i for _, i in shapes) if projected else 0
     else:
         lm_head_trains, full_rank = True, embeddings + norms
         trainable = [full_rank] + [o * i for o, i in shapes]
+        frozen_factors = 0
     accumulating = recipe.train.grad_accum_steps > 1
     out = {
         "frozen base (stored)": sum(base_bytes(o * i, o, lora.quant, lora.blocksize, lora.double_quant, w)
@@ -134,6 +138,8 @@ def analytic(recipe: Recipe, vocab_size: int, phase: str = "relora", micro_batch
     out["dequantization transient"] = max(o * i for o, i in shapes) * a if relora and lora.quant != "none" else 0
     # Held during a gradient init's passes, which keep a step's activations but no weight gradients: counted on top
     # of the step's peak, an upper bound.
+    if frozen_factors:  # a projected cycle's A: stored, neither a gradient nor moments
+        out["frozen projections (A)"] = frozen_factors * w
     out["gradient-init sketches"] = sketch_bytes(shapes, r) if relora and recipe.relora.init == "gradient" else 0
     return out
 

@@ -96,7 +96,8 @@ def on_one_host(host: HostRam, nproc: int) -> int:
     return nproc * (host.peak - host.masters) + host.masters_total
 
 
-RESIDENT = ("frozen base (stored)", "frozen full-rank weights", "trainable weights", "optimizer state")
+RESIDENT = ("frozen base (stored)", "frozen full-rank weights", "frozen projections (A)", "trainable weights",
+            "optimizer state")
 
 
 def host_estimate(recipe: Recipe, vocab: int, nproc: int = 1) -> HostRam:
@@ -112,7 +113,7 @@ def host_estimate(recipe: Recipe, vocab: int, nproc: int = 1) -> HostRam:
                   embedding if recipe.lora.train_embeddings or recipe.lora.train_lm_head else 0,
                   max(recipe.lora.rank * max(o, i) for o, i in shapes))
     offloaded = offloaded_bytes(recipe) if recipe.train.offloads else 0
-    host = host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora[k] for k in RESIDENT), largest,
+    host = host_ram(recipe, [o * i for o, i in shapes], others, step, sum(relora.get(k, 0) for k in RESIDENT), largest,
                     relora["trainable weights"], offloaded)
     if nproc > 1 and host.masters:
         owners = Ranks(0, nproc).owners([o * i for o, i in shapes])

@@ -103,7 +103,8 @@ def build_for_phase(recipe: Recipe, vocab_size: int, phase: str):
     model = build_model(recipe.model, vocab_size, recipe.data.seq_len, config=architecture(recipe.model, vocab_size))
     if phase == "relora":
         # The fp32 master lives in host RAM, so it is left out here and counted as host memory.
-        wrap_model(model, recipe.lora, keep_master=False, dtype=DTYPES[recipe.model.dtype])
+        wrap_model(model, recipe.lora, keep_master=False, dtype=DTYPES[recipe.model.dtype],
+                   projected=recipe.relora.cycle == "projected")
         set_trainable(model, recipe.lora)
     with unset_fake_temporarily():  # bnb builds its quantization maps with .tolist(), which fake tensors refuse
         optimizer = build_optimizer(model, recipe.optim, torch.device("cpu"))

@@ -10,7 +10,8 @@ tokens that a backward pass hands us one micro-batch at a time:
                          Q = orth(Y)                                   in x k, spans the top of G's row space
     pass 2 (projection): Z = G Q = sum_t g_t^T (x_t Q)                 out x k
                          Z = U S V^T, so G ~ G Q Q^T = U S (Q V)^T, and Q V holds G's approximate right singular
-                         vectors in order; A = the first r of them, as rows, scaled (see KAIMING_ROW_NORM).
+                         vectors in order; A = the first r of them, as rows, scaled (see KAIMING_ROW_NORM), or
+                         orthonormal as they are for relora.cycle = "projected" (A^T is then GaLore's P).
 
 with k = r + OVERSAMPLING. Both passes run over the same micro-batches with the same random state, so they see the
 same G. Per layer only the sketches are held: Y, then Q and Z, (in + out) x k fp32 numbers; Omega is regenerated
@@ -157,4 +158,6 @@ def init_from_gradient(model: nn.Module, batches: list[torch.Tensor], loss_of: C
             p.requires_grad_(flag)
     with torch.no_grad():
         for layer, sketch in zip(layers, sketches):
-            layer.lora_A.copy_(KAIMING_ROW_NORM * sketch.right_vectors(layer.rank))
+            # A projected layer keeps the rows orthonormal: A^T is GaLore's P, whose scale is the layer's s.
+            norm = 1.0 if layer.projected else KAIMING_ROW_NORM
+            layer.lora_A.copy_(norm * sketch.right_vectors(layer.rank))

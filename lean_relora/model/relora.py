@@ -32,13 +32,20 @@ class ReLoRALinear(nn.Module):
 
     `transposed`: the layer replaced a transformers Conv1D (GPT-2 family), which stores W^T (in x out) and computes
     the same x W^T + b; the base holds W as (out x in) like any other, and export writes W^T back.
+
+    `projected` (relora.cycle = "projected"): A has orthonormal rows and stays frozen (requires_grad False, so the
+    optimizer holds neither its gradient nor its moments); only B trains. Then dL/dB = s G A^T is GaLore's projected
+    gradient R = G P with P = A^T, Adam on B is Adam on R, and W + s B A is GaLore's weight after the same updates,
+    with GaLore's `scale` = s = alpha / r (Zhao et al., arXiv 2403.03507, Algorithm 2, right projection). A random
+    (re)start draws a random orthonormal basis; relora.init = "gradient" sets the gradient's top-r right singular
+    vectors, GaLore's own choice of P.
     """
 
     def __init__(self, base: FrozenBase, rank: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.bfloat16, generator: torch.Generator | None = None,
-                 transposed: bool = False):
+                 transposed: bool = False, projected: bool = False):
         super().__init__()
-        self.base, self.transposed = base, transposed
+        self.base, self.transposed, self.projected = base, transposed, projected
         self.rank, self.scale = rank, alpha / rank
         device = base.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
@@ -51,6 +58,8 @@ class ReLoRALinear(nn.Module):
         # nn.Linear's own init for A (a = sqrt(5)); drawn in fp32 on the CPU so a seed gives the same A everywhere.
         a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        if self.projected:  # the same draw, its rows made orthonormal: a random r-dimensional subspace of R^in
+            a = orthonormal_rows(a)
         self.lora_A.copy_(a)
         self.lora_B.zero_()
 
@@ -79,8 +88,21 @@ class ReLoRALinear(nn.Module):
         self.merge()
         self.reset_lora(generator)
 
+    def trainable_factors(self) -> tuple[nn.Parameter, ...]:
+        """The factors the optimizer updates: A and B, or B alone when the layer is projected (A frozen)."""
+        return (self.lora_B,) if self.projected else (self.lora_A, self.lora_B)
+
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}"
+        return f"rank={self.rank}, scale={self.scale:g}" + (", projected (A frozen)" if self.projected else "")
+
+
+def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+    """The rows of `a` (r x in, r <= in) made orthonormal, spanning the same subspace (QR of a^T, signs fixed so that
+    the result does not depend on the QR routine's sign convention)."""
+    q, r = torch.linalg.qr(a.t().double())
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return (q * signs).t().to(a.dtype)
 
 
 PROJECTIONS = (nn.Linear, Conv1D)  # the layers ReLoRA wraps; Conv1D is nn.Linear with W stored transposed
@@ -138,12 +160,14 @@ def target_summary(model: nn.Module, targets: list[str]) -> tuple[str, str | Non
 def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torch.dtype,
                device: torch.device | str = "cpu", generator: torch.Generator | None = None,
                master_store: MasterStore | None = None,
-               materialize: Callable[[str, nn.Module], None] | None = None, owned: set[str] | None = None) -> list[str]:
+               materialize: Callable[[str, nn.Module], None] | None = None, owned: set[str] | None = None,
+               projected: bool = False) -> list[str]:
     """Replace every target nn.Linear or Conv1D by a ReLoRALinear on `device`, one layer at a time so that only one
     dense weight is ever on the device beside the quantized ones. With `keep_master` each base keeps an fp32 master,
     in host RAM or, given `master_store`, on disk. `materialize(name, layer)` fills a target's weights just before it
     is quantized (streamed.py: a pretrained model read one layer at a time). `owned`: the layers whose master this
-    process keeps (distributed.py: each master on one rank); None: all. Returns the names of the wrapped modules."""
+    process keeps (distributed.py: each master on one rank); None: all. `projected`: relora.cycle = "projected" (A
+    orthonormal and frozen, ReLoRALinear). Returns the names of the wrapped modules."""
     names = [n for n, _ in target_modules(model, cfg.targets)]
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
@@ -158,7 +182,8 @@ def wrap_model(model: nn.Module, cfg: LoraConfig, keep_master: bool, dtype: torc
             master = master_store.create(name, weight) if master_store else RamMaster(weight)
         base = FrozenBase(weight.to(device), layer.bias, cfg.quant, cfg.blocksize, cfg.double_quant,
                           dtype=dtype, master=master)
-        setattr(parent, leaf, ReLoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, dtype, generator, transposed))
+        setattr(parent, leaf, ReLoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, dtype, generator, transposed,
+                                                  projected))
         del layer, weight
         release_freed_memory()
     return names
@@ -169,7 +194,9 @@ def relora_layers(model: nn.Module) -> list[ReLoRALinear]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in relora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+    """The LoRA factors that train: A and B of every layer, only B of a projected one (its A is state, not trained:
+    checkpoints save it with the model)."""
+    return [p for layer in relora_layers(model) for p in layer.trainable_factors()]
 
 
 def retention(model: nn.Module) -> float:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 OPTIMIZERS = ("paged_adamw8bit", "adamw8bit", "adamw")
-RESETS = ("magnitude", "random", "zero")
+RESETS = ("magnitude", "random", "zero", "keep")
 INITS = ("random", "gradient")
+CYCLES = ("lora", "projected")
 FIDELITIES = ("master", "naive")
 MASTER_STORES = ("ram", "disk")
 DTYPES = ("bf16", "fp32")
@@ -168,7 +169,9 @@ class ReloraConfig:
     baseline run
     """
     reset: str = "magnitude"
-    """optimizer reset of the LoRA factors' moments: `magnitude`, `random` or `zero`"""
+    """optimizer reset of the LoRA factors' moments at a restart: `magnitude`, `random` or `zero` pruning, or `keep`
+    (untouched, as GaLore keeps its moments when it switches subspace)
+    """
     reset_ratio: float = 0.999
     """share of each moment zeroed by `magnitude`/`random` pruning (paper: 0.99-0.999)"""
     fidelity: str = "master"
@@ -192,6 +195,12 @@ class ReloraConfig:
     every restart and when ReLoRA follows a warm start; rows scaled to Kaiming's expected norm, B stays zero
     (`lean_relora/model/gradinit.py`; results in docs/benchmarks.md)
     """
+    cycle: str = "lora"
+    """what a cycle trains: `lora` (A and B, the paper's ReLoRA) or `projected`: A is set at every restart with
+    orthonormal rows (the gradient's top right singular subspace with `init = "gradient"`, else a random orthonormal
+    basis) and stays frozen while only B trains, which is GaLore's update with a right projection P = A^T and its
+    `scale` = `lora.alpha / lora.rank` (no gradient or moments for A: LoRA's memory; docs/benchmarks.md compares it)
+    """
     init_batches: int = 4
     """micro-batches (of the data order: the steps after it see the data they would have seen after them) each gradient
     init consumes; each goes forward and backward twice, and both passes count in the run's tokens
@@ -203,6 +212,7 @@ class ReloraConfig:
         _choice(self, "fidelity", FIDELITIES)
         _choice(self, "master", MASTER_STORES)
         _choice(self, "init", INITS)
+        _choice(self, "cycle", CYCLES)
         _positive(self, "init_batches")
         if self.restart_warmup_steps < 0 or self.warm_start_steps < 0:
             raise _rule(self, "restart_warmup_steps", "must be >= 0")

@@ -72,6 +72,6 @@ def load_trained(source: str | Path | checkpoint.Checkpoint, device: torch.devic
     if state["relora"]:
         files = set(found.meta["files"])
         wrap_model(model, recipe.lora, keep_master=state["masters"], dtype=dtype, master_store=CheckpointMasters(files),
-                   materialize=placeholder)
+                   materialize=placeholder, projected=recipe.relora.cycle == "projected")
     checkpoint.load_model_state(model, found)
     return Trained(model.to(device).eval(), recipe, found)

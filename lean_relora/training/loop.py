@@ -143,7 +143,8 @@ def start_relora(run: Run, source: TensorSource | None = None) -> None:
     fill = None if source is None else lambda name, linear: source.fill(name, linear, run.device, dtype)
     wrap_model(run.model, recipe.lora, keep_master=keep_master, dtype=dtype, device=run.device,
                generator=run.generator, master_store=DiskMasters(run.run_dir / LIVE_MASTERS) if on_disk else None,
-               materialize=fill, owned=run.ranks.owned(target_modules(run.model, recipe.lora.targets)))
+               materialize=fill, owned=run.ranks.owned(target_modules(run.model, recipe.lora.targets)),
+               projected=recipe.relora.cycle == "projected")
     if source is not None:
         fill_remaining(run.model, source, run.device, dtype)
     run.model.to(run.device)
@@ -217,6 +218,12 @@ def _train(recipe: Recipe, run_dir: Path, reporter: Reporter | None, resume, for
                 init = gradient_init(run)
                 reporter.line(f"step {state.step}: A from the gradient ({init['init_tokens']:,} tokens, "
                               f"{init['init_seconds']:.2f} s)")
+        elif (state.step == 0 and recipe.relora.warm_start_steps == 0 and recipe.relora.cycle == "projected"
+              and recipe.relora.init == "gradient"):
+            # A projected cycle without a warm start projects from its first step, as GaLore does.
+            init = gradient_init(run)
+            reporter.line(f"step 0: P = A^T from the gradient ({init['init_tokens']:,} tokens, "
+                          f"{init['init_seconds']:.2f} s)")
         elif schedule.is_restart(state.step):
             if ranks.is_main:  # what report --spectrum sums, whatever checkpoints remain
                 merges.record(run.model, run_dir, state.step)

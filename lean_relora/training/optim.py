@@ -88,10 +88,13 @@ def reset_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mo
     """Partly forget the moments of `params` (the LoRA factors) at a restart.
 
     magnitude: zero the `ratio` share of entries with the smallest |value| (per tensor, per moment);
-    random: zero each entry with probability `ratio`; zero: zero everything. The step count is kept.
+    random: zero each entry with probability `ratio`; zero: zero everything; keep: nothing (GaLore keeps its moments
+    when it switches subspace). The step count is kept.
     Wherever the second moment ends up zero the first moment is zeroed too: Adam's step m / (sqrt(v) + eps) would
     otherwise be m / eps, a step of about lr * 1e8 on the first update after the restart.
     """
+    if mode == "keep":
+        return
     for p in params:
         if not optimizer.state.get(p):
             continue
